@@ -1,0 +1,199 @@
+"""The ``peftlab`` command line: the only module that prints.
+
+    peftlab demo
+    peftlab train --model smollm2-135m-instruct --data demo:dialogsum --out runs/sum --max-steps 30
+    peftlab eval --model runs/sum/final --data demo:dialogsum --out runs/sum/eval
+    peftlab generate --model runs/sum/final --prompt "Summarize the following conversation. ..."
+    peftlab score --predictions preds.txt --references refs.txt
+
+Every command's flags come from its typed config (``peftlab.config``): ``--help`` lists them all,
+``--config recipe.yaml`` reads them from YAML, and trailing ``key=value`` pairs override both.
+A mistake the user can fix ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+from peftlab import __version__, api
+from peftlab.config import (
+    DemoConfig,
+    EvalConfig,
+    GenerateConfig,
+    ScoreConfig,
+    TrainConfig,
+    build,
+    flag,
+    parse_overrides,
+    read_recipe,
+)
+from peftlab.errors import UserError
+
+# ----------------------------------------------------------------------------------------------
+# Presentation helpers
+
+
+class _TqdmBar:
+    def __init__(self, description: str, total: int | None, unit: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True, file=sys.stderr, leave=True)
+
+    def update(self, n: int = 1, **stats: Any) -> None:
+        if stats:
+            self.bar.set_postfix(stats, refresh=False)
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(description: str, total: int | None, unit: str = "it") -> _TqdmBar:
+    return _TqdmBar(description, total, unit)
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table (readable in a terminal, pasteable into a report)."""
+    cells = [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = lambda values: "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"  # noqa: E731
+    return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells)])
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_train(config: TrainConfig) -> None:
+    result = api.train(config, progress=progress, log=say)
+    say(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); "
+        f"train loss {result.train_loss:.4f}" + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    say(f"run: {result.run_dir}\nfinal: {result.final_dir}")
+
+
+def cmd_eval(config: EvalConfig) -> None:
+    result = api.evaluate(config, progress=progress, log=say)
+    m = result.metrics
+    say(table(["model", *ROUGE_KEYS, "bleu"], [[config.adapter or config.model, *(m[k] for k in ROUGE_KEYS), m["bleu"]]]))
+    say(f"{m['num_examples']} examples; {m['bleu_signature']}")
+    for key, (lo, hi) in m["intervals"].items():
+        say(f"{key} 95% bootstrap interval: [{lo:.4f}, {hi:.4f}]")
+    say(f"predictions: {result.predictions_file}\nmetrics: {result.metrics_file}")
+
+
+def cmd_generate(config: GenerateConfig) -> None:
+    texts = api.generate(config, progress=progress)
+    if config.prompt is not None:
+        say(texts[0])
+    else:
+        for text in texts:
+            say(json.dumps({"text": text}))
+
+
+def cmd_score(config: ScoreConfig) -> None:
+    report = api.score_files(config)
+    rows = [[k, report.aggregate[k]] for k in (*ROUGE_KEYS, "bleu", "sentence_bleu")]
+    say(table(["metric", "value"], rows))
+    say(f"{report.num_examples} examples; stemming {'on' if report.use_stemmer else 'off'}; {report.bleu_signature}")
+    for key, (lo, hi) in report.intervals.items():
+        say(f"{key} 95% bootstrap interval: [{lo:.4f}, {hi:.4f}]")
+
+
+def cmd_demo(config: DemoConfig) -> None:
+    result = api.demo(config, progress=progress, log=say)
+    say("")
+    say(table(["model", *ROUGE_KEYS], [[name, *(m[k] for k in ROUGE_KEYS)] for name, m in result.rows.items()]))
+    say("")
+    for label, path in result.paths.items():
+        say(f"{label}: {path}")
+
+
+COMMANDS: dict[str, tuple[type, Callable]] = {
+    "demo": (DemoConfig, cmd_demo),
+    "train": (TrainConfig, cmd_train),
+    "eval": (EvalConfig, cmd_eval),
+    "generate": (GenerateConfig, cmd_generate),
+    "score": (ScoreConfig, cmd_score),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse prints usage too)
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(2)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE", help="Read options from a YAML recipe (flags and key=value win).")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        help_text = f.metadata.get("help", "")
+        choices = f.metadata.get("choices")
+        if hints[f.name] is bool:
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        required = f.default is dataclasses.MISSING
+        suffix = " (required)" if required else f" (default: {f.default})"
+        parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS, choices=choices,
+                            metavar=f.name.upper() if not choices else None, help=help_text + suffix)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="Override any option, e.g. lr=1e-4 batch_size=4.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="peftlab", description="Instruction fine-tuning and PEFT of LLMs, measured end to end.", allow_abbrev=False)
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (cls, _) in COMMANDS.items():
+        doc = (cls.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc.split(":", 1)[-1].strip(), description=doc, allow_abbrev=False)
+        _add_config_flags(p, cls)
+    return parser
+
+
+def parse(argv: list[str]) -> tuple[Any, Callable]:
+    args = vars(build_parser().parse_args(argv))
+    cls, run = COMMANDS[args.pop("command")]
+    recipe = read_recipe(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    overrides = parse_overrides(args.pop("overrides", []))
+    config = build(cls, ("the config file", recipe), ("the command line", args), ("the key=value overrides", overrides))
+    return config, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening; transformers' would interleave
+    try:
+        config, run = parse(argv)
+        run(config)
+    except UserError as e:
+        sys.stderr.write(f"peftlab: error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("peftlab: interrupted\n")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Typed configs for every command, and how they are built from the CLI, YAML recipes and overrides.
+
+Each command has one flat dataclass (``TrainConfig``, ``EvalConfig`` ...). Every field carries its
+help text in ``metadata["help"]``; the CLI builds its flags from those fields, so ``--help``,
+recipes and the Python API can never disagree. Values are merged in this order, later wins:
+
+    field defaults  <  --config recipe.yaml  <  --flags  <  key=value overrides
+
+Unknown keys are rejected with a suggestion; ``__post_init__`` rejects contradictory settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftlab.errors import UserError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw: Any) -> Any:
+    """A dataclass field with its help text (and allowed values) for the CLI and recipes."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+REQUIRED = dataclasses.MISSING
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces (plain functions: dataclass inheritance would reorder fields and their --help)
+
+
+def _check_choice(name: str, value: Any, choices: tuple | None) -> None:
+    if choices is not None and value is not None and value not in choices:
+        raise UserError(f"--{flag(name)} must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def validate_choices(config: Any) -> None:
+    for f in dataclasses.fields(config):
+        _check_choice(f.name, getattr(config, f.name), f.metadata.get("choices"))
+
+
+def _positive(config: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise UserError(f"--{flag(name)} must be {bound}, got {value}")
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+
+@dataclass
+class TrainConfig:
+    """``peftlab train``: fine-tune a model on instruction data (loss on completion tokens only)."""
+
+    model: str = option(REQUIRED, "Base model: a local HF folder, a hub id, a .gguf file or an alias (smollm2-135m-instruct).")
+    data: str = option(REQUIRED, "Training data: .jsonl/.json/.csv/.parquet file, a datasets folder, hf:NAME[:CONFIG][@SPLIT] or demo:dialogsum.")
+    out: str = option(REQUIRED, "Run folder to create (config, metrics.jsonl, checkpoints/, final/).")
+    method: str = option("full", "Fine-tuning method.", choices=("full",))
+    template: str | None = option(None, "Prompt template: a built-in name or a YAML file. Default: detected from the data's fields.")
+    split_fractions: str = option("0.8,0.1,0.1", "train,validation,test fractions of the data (sum to 1).")
+    split_seed: int = option(0, "Seed of the train/validation/test split and of the per-example template choice.")
+    limit: int | None = option(None, "Use at most this many training examples.")
+    epochs: float = option(1.0, "Passes over the training split (ignored when --max-steps is set).")
+    max_steps: int | None = option(None, "Optimizer steps to run (overrides --epochs).")
+    batch_size: int = option(8, "Examples per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    lr: float | None = option(None, "Peak learning rate. Default: 5e-5 for full fine-tuning, 2e-4 for PEFT methods.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = option(0.05, "Fraction of the steps spent warming up linearly from 0.")
+    max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this value (None: no clipping).")
+    max_length: int = option(512, "Maximum tokens of prompt + completion (the prompt is cut from the left when longer).")
+    max_target_length: int = option(128, "Maximum completion tokens (cut from the right).")
+    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.", choices=("auto", "on", "off"))
+    eval_every: int = option(0, "Compute the validation loss every N steps (0: only at the end).")
+    eval_limit: int | None = option(64, "Validation examples used for the validation loss (None: all).")
+    save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
+    log_every: int = option(1, "Write training metrics every N steps.")
+    seed: int = option(42, "Seed of initialisation, data order and dropout.")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    resume: bool = option(False, "Continue the run in --out from its newest checkpoint.")
+    overwrite: bool = option(False, "Replace a run already in --out (the old one is kept until the new one finishes).")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "batch_size", "grad_accum", "max_steps", "epochs", "max_length", "max_target_length", "limit", "eval_limit")
+        _positive(self, "eval_every", "save_every", "weight_decay", allow_zero=True)
+        _positive(self, "log_every", "lr", "max_grad_norm")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other: pick one")
+        if self.max_target_length >= self.max_length:
+            raise UserError(f"--max-target-length ({self.max_target_length}) must be smaller than --max-length ({self.max_length})")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 2e-4)
+
+
+@dataclass
+class EvalConfig:
+    """``peftlab eval``: generate on a split and score with ROUGE-1/2/L/Lsum and BLEU."""
+
+    model: str = option(REQUIRED, "Base model (or a full fine-tuning run's final/ folder).")
+    data: str = option(REQUIRED, "Evaluation data (same sources as train).")
+    out: str = option(REQUIRED, "Folder for predictions.jsonl and metrics.json.")
+    adapter: str | None = option(None, "A PEFT adapter folder to apply to the model.")
+    split: str = option("test", "Split to evaluate: train, validation, test or all.", choices=("train", "validation", "test", "all"))
+    split_fractions: str = option("0.8,0.1,0.1", "Must match the training run's split to evaluate held-out data.")
+    split_seed: int = option(0, "Must match the training run's --split-seed.")
+    template: str | None = option(None, "Prompt template: a built-in name or a YAML file (default: detected).")
+    limit: int | None = option(None, "Evaluate at most this many examples of the split.")
+    batch_size: int = option(8, "Prompts generated together.")
+    max_new_tokens: int = option(96, "Tokens generated per prompt at most (greedy).")
+    max_length: int = option(512, "Maximum prompt tokens (cut from the left).")
+    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
+    use_stemmer: bool = option(False, "Porter-stem tokens before ROUGE matching (as rouge-score's use_stemmer).")
+    bootstrap: int = option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
+    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    overwrite: bool = option(False, "Replace predictions.jsonl/metrics.json already in --out.")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "limit", "batch_size", "max_new_tokens", "max_length")
+        _positive(self, "bootstrap", allow_zero=True)
+
+
+@dataclass
+class GenerateConfig:
+    """``peftlab generate``: complete prompts with greedy decoding."""
+
+    model: str = option(REQUIRED, "Base model (or a full fine-tuning run's final/ folder).")
+    adapter: str | None = option(None, "A PEFT adapter folder to apply to the model.")
+    prompt: str | None = option(None, "One prompt.")
+    input: str | None = option(None, "A file of prompts: text (one a line) or JSONL (strings or objects with a 'prompt' or 'text' field).")
+    batch_size: int = option(8, "Prompts generated together.")
+    max_new_tokens: int = option(96, "Tokens generated per prompt at most (greedy).")
+    max_length: int = option(512, "Maximum prompt tokens (cut from the left).")
+    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
+    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        if (self.prompt is None) == (self.input is None):
+            raise UserError("give exactly one of --prompt TEXT or --input FILE")
+        _positive(self, "batch_size", "max_new_tokens", "max_length")
+
+
+@dataclass
+class ScoreConfig:
+    """``peftlab score``: ROUGE and BLEU of any system's outputs against references."""
+
+    predictions: str = option(REQUIRED, "Predictions: a text file (one a line) or JSONL (strings or objects with 'text').")
+    references: str = option(REQUIRED, "References, same format and order as the predictions.")
+    use_stemmer: bool = option(False, "Porter-stem tokens before ROUGE matching.")
+    bootstrap: int = option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
+    json: str | None = option(None, "Also write the aggregate metrics to this JSON file.")
+    per_example: str | None = option(None, "Write one JSON line of scores per example to this file.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "bootstrap", allow_zero=True)
+
+
+@dataclass
+class DemoConfig:
+    """``peftlab demo``: zero-shot baseline, fine-tune, evaluate again, on the embedded model and data."""
+
+    out: str = option("runs/demo", "Folder for the demo's data, runs, predictions and report.")
+    model: str = option("smollm2-135m-instruct", "Base model (default: the embedded SmolLM2-135M-Instruct).")
+    data: str = option("demo:dialogsum", "Data (default: the embedded generated dialogue-summarisation set).")
+    train_examples: int = option(240, "Training examples used.")
+    test_examples: int = option(40, "Held-out test examples evaluated.")
+    max_steps: int = option(30, "Optimizer steps of full fine-tuning.")
+    batch_size: int = option(8, "Examples per step.")
+    lr: float = option(5e-5, "Peak learning rate.")
+    seed: int = option(42, "Seed.")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    overwrite: bool = option(False, "Replace a demo already in --out.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "lr")
+
+
+# ----------------------------------------------------------------------------------------------
+# Building a config from dicts (YAML, flags, overrides)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(cls: type, name: str, value: Any) -> Any:
+    """Convert a value from YAML / the command line to the field's annotated type."""
+    hints = typing.get_type_hints(cls)
+    tp, optional = _unwrap_optional(hints[name])
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"--{flag(name)} needs a value")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{flag(name)} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    return value
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def check_keys(cls: type, values: dict[str, Any], where: str) -> None:
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise UserError(f"unknown option '{key}' in {where}{_suggest(key, names)}")
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe: a mapping of option names (dashes or underscores) to values."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"config file {path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; the value is read as YAML (numbers, booleans, null, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override '{item}' is not key=value (e.g. lr=1e-4)")
+        try:
+            out[key.strip().lstrip("-").replace("-", "_")] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = raw
+    return out
+
+
+def build(cls: type, *layers: tuple[str, dict[str, Any]]) -> Any:
+    """Merge (source name, values) layers over the defaults of ``cls`` and validate the result."""
+    merged: dict[str, Any] = {}
+    for where, values in layers:
+        check_keys(cls, values, where)
+        for key, value in values.items():
+            merged[key] = coerce(cls, key, value)
+    missing = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING and f.name not in merged]
+    if missing:
+        raise UserError("missing required option" + ("s " if len(missing) > 1 else " ")
+                        + ", ".join(f"--{flag(m)}" for m in missing))
+    return cls(**merged)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)

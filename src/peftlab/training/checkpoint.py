@@ -1,0 +1,127 @@
+"""Run folders and checkpoints.
+
+A run folder holds ``run.json`` (resolved config, model, parameter report, status),
+``metrics.jsonl``, ``checkpoints/step-NNNNNN/`` and ``final/``. A checkpoint holds what resuming
+needs: the trainable weights (``weights.safetensors``: the whole model for full fine-tuning, the
+adapter only for PEFT), ``optimizer.pt`` (AdamW moments), ``rng.pt`` (Python, torch, CUDA RNG
+states) and ``state.json`` (step, data position, scheduler). Every folder is written under a
+temporary name and renamed into place, so a killed run never leaves a half-written checkpoint.
+
+Replacing a finished run (``--overwrite``) trains into a staging folder beside it and swaps the
+two only when the new run has finished: the old run is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from peftlab.errors import UserError
+
+RUN_MARKER = "run.json"
+
+
+def holds_run(path: Path) -> bool:
+    return (path / RUN_MARKER).is_file()
+
+
+@dataclass
+class RunFolder:
+    """Where a run writes (``work``) and where it must end up (``final``)."""
+
+    final: Path
+    work: Path
+    created: bool = False  # this run made the folder (so it may remove it if it fails before a checkpoint)
+
+    @classmethod
+    def prepare(cls, out: str | Path, *, overwrite: bool, resume: bool) -> "RunFolder":
+        final = Path(out)
+        if resume:
+            if not holds_run(final):
+                raise UserError(f"--resume: {final} holds no run to continue (no {RUN_MARKER}); drop --resume to start one")
+            return cls(final, final)
+        if final.exists() and not final.is_dir():
+            raise UserError(f"--out {final} is a file; give a folder path")
+        if final.is_dir() and any(final.iterdir()):
+            if not overwrite:
+                what = "a run" if holds_run(final) else "files"
+                raise UserError(f"--out {final} already holds {what}; pass --overwrite to replace it, or --resume to continue a run")
+            work = final.with_name(f".{final.name}.partial-{os.getpid()}")
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            return cls(final, work)
+        created = not final.exists()
+        final.mkdir(parents=True, exist_ok=True)
+        return cls(final, final, created)
+
+    def commit(self) -> None:
+        """Move a staged run into place, replacing the old one only now."""
+        if self.work == self.final:
+            return
+        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+        os.replace(self.final, old)
+        os.replace(self.work, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """After a failure: drop a staging folder, or a new folder that holds no checkpoint to resume from."""
+        if self.work != self.final:
+            shutil.rmtree(self.work, ignore_errors=True)
+        elif self.created and latest_checkpoint(self.work / "checkpoints") is None:
+            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer, state: dict) -> Path:
+    target = folder / f"step-{step:06d}"
+    tmp = folder / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # clone: tied weights share storage, which safetensors refuses; contiguous for transposed views
+    save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, tmp / "weights.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    write_json(tmp / "state.json", state)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    done = sorted(p for p in folder.glob("step-*") if (p / "state.json").is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
+    """(weights, optimizer state, rng state, trainer state) of a checkpoint folder."""
+    weights = load_file(path / "weights.safetensors")
+    optimizer = torch.load(path / "optimizer.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=False)  # our own file: Python's RNG state is a tuple
+    state = json.loads((path / "state.json").read_text())
+    return weights, optimizer, rng, state

@@ -1,0 +1,137 @@
+"""The training loop: completion-only loss, overfitting, accumulation, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from peftlab.config import TrainConfig
+from peftlab.data.encode import IGNORE_INDEX, collate, encode_example
+from peftlab.training.loop import lr_lambda, micro_batches, train
+from peftlab.training.loss import completion_loss, target_count
+
+
+def write_dialogues(path, n=48):
+    names, days, places = ["Tom", "Anna", "Ben", "Lisa"], ["Monday", "Friday", "Sunday"], ["cafe", "park", "office"]
+    with open(path, "w") as f:
+        for i in range(n):
+            a, d, p = names[i % 4], days[i % 3], places[(i // 3) % 3]
+            f.write(json.dumps({
+                "dialogue": f"#Person1#: Hi {a}, shall we meet at the {p} on {d}?\n#Person2#: Yes, the {p} on {d} is fine.",
+                "summary": f"{a} will meet #Person1# at the {p} on {d}.",
+            }) + "\n")
+    return path
+
+
+def losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_completion_loss_equals_hf_loss(kind, tiny_llama_dir, tiny_t5_dir):
+    folder = {"llama": tiny_llama_dir, "t5": tiny_t5_dir}[kind]
+    tok = AutoTokenizer.from_pretrained(folder)
+    auto = AutoModelForSeq2SeqLM if kind == "t5" else AutoModelForCausalLM
+    model = auto.from_pretrained(folder)
+    seq2seq = kind == "t5"
+    examples = [encode_example(tok, p, c, is_seq2seq=seq2seq, chat=False, max_length=64, max_target_length=16)
+                for p, c in [("Summarize: a long dialogue here.", "A summary."), ("Hi", "Hello there, friend.")]]
+    batch = collate(examples, tok.pad_token_id, seq2seq)
+    if not seq2seq:  # the prompt is masked, the completion is not
+        assert batch["labels"][0, 0] == IGNORE_INDEX and (batch["labels"][0] != IGNORE_INDEX).any()
+    total, count = completion_loss(model, batch, seq2seq)
+    reference = model(**batch).loss  # HF's mean over non-ignored (shifted) labels
+    assert count == target_count(batch["labels"], seq2seq)
+    assert torch.allclose(total / count, reference, atol=1e-5)
+
+
+def test_schedule_warmup_then_cosine_to_zero():
+    f = lr_lambda("cosine", warmup=2, total=10)
+    assert [round(f(s), 4) for s in (0, 1)] == [0.5, 1.0]
+    assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.0, abs=1e-9)
+    assert lr_lambda("linear", 0, 4)(2) == pytest.approx(0.5)
+
+
+def test_data_order_is_seeded_and_covers_the_epoch():
+    first = [i for _, b in micro_batches(10, 3, seed=1, epoch=0, start=0) for i in b]
+    assert sorted(first) == list(range(10))
+    assert first == [i for _, b in micro_batches(10, 3, seed=1, epoch=0, start=0) for i in b]
+    assert first != [i for _, b in micro_batches(10, 3, seed=1, epoch=1, start=0) for i in b]
+    assert [b for _, b in micro_batches(10, 3, 1, 0, start=2)] == [first[6:9], first[9:]]
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_overfit_30_steps_halves_the_loss(kind, tiny_llama_dir, tiny_t5_dir, tmp_path):
+    folder = {"llama": tiny_llama_dir, "t5": tiny_t5_dir}[kind]
+    data = write_dialogues(tmp_path / "d.jsonl")
+    result = train(TrainConfig(model=str(folder), data=str(data), out=str(tmp_path / "run"), max_steps=30,
+                               batch_size=8, lr=3e-3, warmup_ratio=0.1, device="cpu"))
+    trace = losses(result.run_dir)
+    assert len(trace) == 30 and all(math.isfinite(x) for x in trace)
+    assert sum(trace[-3:]) / 3 < 0.5 * trace[0], trace
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["parameters"]["trainable"] == info["parameters"]["total"]
+    assert (result.final_dir / "config.json").is_file() and (result.final_dir / "tokenizer.json").is_file()
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_llama_dir, tmp_path):
+    data = write_dialogues(tmp_path / "d.jsonl", n=40)
+    common = dict(model=str(tiny_llama_dir), data=str(data), max_steps=2, lr=1e-3, device="cpu", max_grad_norm=None, eval_limit=1)
+    big = train(TrainConfig(out=str(tmp_path / "big"), batch_size=8, grad_accum=1, **common))
+    small = train(TrainConfig(out=str(tmp_path / "small"), batch_size=4, grad_accum=2, **common))
+    assert losses(big.run_dir) == pytest.approx(losses(small.run_dir), rel=1e-5)
+    a = load_file(big.final_dir / "model.safetensors")
+    b = load_file(small.final_dir / "model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+class _Interrupt:
+    """A progress factory that raises KeyboardInterrupt once training reaches ``at`` steps."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def __call__(self, description, total, unit="it"):
+        at, done = self.at, [0]
+
+        class Bar:
+            def update(self, n=1, **stats):
+                done[0] += n
+                if description == "training" and done[0] >= at:
+                    raise KeyboardInterrupt
+
+            def close(self):
+                pass
+
+        return Bar()
+
+
+def test_resume_continues_bit_identically(tiny_llama_dir, tmp_path):
+    data = write_dialogues(tmp_path / "d.jsonl", n=40)
+    common = dict(model=str(tiny_llama_dir), data=str(data), max_steps=8, batch_size=6, lr=1e-3,
+                  save_every=3, device="cpu", seed=7)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), **common))
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "b"), **common), progress=_Interrupt(at=5))
+    assert (tmp_path / "b" / "checkpoints" / "step-000003").is_dir() and not (tmp_path / "b" / "final").exists()
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **common))
+    a = load_file(straight.final_dir / "model.safetensors")
+    b = load_file(resumed.final_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the resumed run logged steps 4..8 again after the interrupted ones; the final losses agree exactly
+    assert losses(straight.run_dir)[-5:] == losses(resumed.run_dir)[-5:]
+
+
+def test_checkpoint_holds_weights_optimizer_and_position(tiny_llama_dir, tmp_path):
+    data = write_dialogues(tmp_path / "d.jsonl", n=20)
+    result = train(TrainConfig(model=str(tiny_llama_dir), data=str(data), out=str(tmp_path / "r"), max_steps=4,
+                               batch_size=4, save_every=2, device="cpu"))
+    step2 = result.run_dir / "checkpoints" / "step-000002"
+    state = json.loads((step2 / "state.json").read_text())
+    assert state["step"] == 2 and state["epoch"] == 0 and state["next_micro"] == 2
+    assert {"weights.safetensors", "optimizer.pt", "rng.pt", "state.json"} <= {p.name for p in step2.iterdir()}
