@@ -1,0 +1,253 @@
+"""Prompt templates: turn a record into an ``(input, target)`` pair of strings.
+
+A task is described by one YAML file in the spirit of promptsource: a few fields every template
+needs, the metric that scores it, and several phrasings (Jinja2 templates) of the same request::
+
+    task: dialogsum
+    description: Dialogue summarisation (DialogSum schema).
+    fields: [dialogue, summary]        # fields every template needs
+    metric: rouge
+    task_type: generation
+    templates:
+      - name: summarize
+        input: "Summarize the following conversation.\\n\\n{{ dialogue }}"
+        target: "{{ summary }}"
+
+Built-in tasks live in ``peftlab/data/templates/*.yaml``. Each example gets one phrasing,
+chosen by ``random.Random(f"{seed}:{index}")``: it depends only on the seed and the example's
+index, so it is the same in every epoch, process and Python hash seed, and over a data set
+every phrasing is used about equally often (as in FLAN's instruction-tuning mixtures).
+
+Rendering is strict and sandboxed: a field the template uses but the record lacks (or holds as
+``null``) is an error, not an empty string, and template code cannot reach Python internals.
+Optional fields are written ``{% if input is defined and input %}...{% endif %}``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import random
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import jinja2
+import yaml
+from jinja2.sandbox import SandboxedEnvironment
+
+from peftlab.errors import UserError
+
+
+@dataclass
+class Template:
+    """One phrasing of a task."""
+
+    name: str
+    input: str
+    """Jinja2 source of the model input (the prompt)."""
+    target: str
+    """Jinja2 source of the expected output."""
+
+
+@dataclass
+class TaskTemplates:
+    """A task: what its records hold, how it is scored, and its phrasings."""
+
+    task: str
+    description: str
+    fields: list[str]
+    """Record fields every template needs (used to auto-detect the task from a record)."""
+    metric: str
+    """How predictions are scored, e.g. ``rouge``, ``bleu``, ``exact_match``."""
+    task_type: str
+    """E.g. ``generation`` (free text) or ``classification`` (one of ``answer_choices``)."""
+    templates: list[Template]
+    answer_choices: list[str] | None = None
+    """The closed set of targets of a classification task; templates see it as ``answer_choices``."""
+
+
+# Auto-detection order: the first built-in whose fields the record has wins.
+_DETECT_ORDER = ("dialogsum", "prompt_completion", "instruction")
+_REQUIRED_KEYS = ("task", "templates")
+_OPTIONAL_KEYS = ("description", "fields", "metric", "task_type", "answer_choices")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def builtin_templates() -> dict[str, TaskTemplates]:
+    """The templates shipped with peftlab, by task name."""
+    folder = resources.files("peftlab.data") / "templates"
+    tasks = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            task = _parse(entry.read_text(encoding="utf-8"), entry.name)
+            tasks[task.task] = task
+    return tasks
+
+
+def load_templates(path: str | Path) -> TaskTemplates:
+    """Read and validate one task YAML file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"template file not found: {path}; give a YAML file like peftlab/data/templates/dialogsum.yaml")
+    return _parse(path.read_text(encoding="utf-8"), str(path))
+
+
+def resolve_templates(name_or_file: str | None, records: list[dict]) -> TaskTemplates:
+    """The task for ``--template``: ``None`` detects it from ``records[0]``, else a built-in name or a YAML file.
+
+    The first record must hold the task's ``fields``, so a mismatch fails here, before training.
+    """
+    builtins = builtin_templates()
+    first = records[0] if records else None
+    if name_or_file is None:
+        if first is None:
+            raise UserError("no records to detect the prompt template from; give --data with examples")
+        order = [n for n in _DETECT_ORDER if n in builtins] + [n for n in builtins if n not in _DETECT_ORDER]
+        for name in order:
+            if set(builtins[name].fields) <= set(first):
+                return builtins[name]
+        raise UserError(
+            f"cannot detect a prompt template from the record fields ({_fields(first)}); "
+            f"built-in templates: {_needs(builtins)}; rename the fields or pass --template FILE (a YAML file)"
+        )
+
+    if name_or_file in builtins:
+        task = builtins[name_or_file]
+    elif name_or_file.endswith((".yaml", ".yml")) or Path(name_or_file).expanduser().is_file():
+        task = load_templates(name_or_file)
+    else:
+        close = difflib.get_close_matches(name_or_file, builtins, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise UserError(
+            f"unknown template '{name_or_file}'{hint}; built-in: {', '.join(builtins)}; "
+            "or pass --template FILE (a YAML file)"
+        )
+    if first is not None:
+        missing = [f for f in task.fields if f not in first]
+        if missing:
+            raise UserError(
+                f"template '{task.task}' needs fields {', '.join(task.fields)}, but the first record lacks "
+                f"{', '.join(missing)} (it has {_fields(first)}); choose another --template or rename the fields"
+            )
+    return task
+
+
+def _parse(text: str, source: str) -> TaskTemplates:
+    """Validate the YAML of one task; every problem names ``source``."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise UserError(f"{source}: not valid YAML ({problem}{where})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a YAML mapping with keys {', '.join(_REQUIRED_KEYS)}")
+    missing = [k for k in _REQUIRED_KEYS if k not in data]
+    if missing:
+        raise UserError(f"{source}: missing key(s) {', '.join(missing)}; see peftlab/data/templates/dialogsum.yaml")
+    unknown = [k for k in data if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS]
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; "
+            f"allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}"
+        )
+    raw = data["templates"]
+    if not isinstance(raw, list) or not raw:
+        raise UserError(f"{source}: 'templates' must be a non-empty list of {{name, input, target}}")
+    templates = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "input", "target")):
+            raise UserError(f"{source}: templates[{i}] needs string keys name, input and target")
+        template = Template(item["name"], item["input"], item["target"])
+        for part in ("input", "target"):
+            try:
+                _compile(getattr(template, part))
+            except jinja2.TemplateSyntaxError as e:
+                raise UserError(
+                    f"{source}: template '{template.name}' {part}: Jinja2 syntax error ({e.message}, line {e.lineno})"
+                ) from None
+        templates.append(template)
+    names = [t.name for t in templates]
+    if len(set(names)) != len(names):
+        raise UserError(f"{source}: template names must be unique, got {', '.join(names)}")
+    fields = data.get("fields", [])
+    choices = data.get("answer_choices")
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise UserError(f"{source}: 'fields' must be a list of record field names")
+    if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
+        raise UserError(f"{source}: 'answer_choices' must be a list of strings")
+    return TaskTemplates(
+        task=str(data["task"]),
+        description=str(data.get("description", "")),
+        fields=fields,
+        metric=str(data.get("metric", "rouge")),
+        task_type=str(data.get("task_type", "generation")),
+        templates=templates,
+        answer_choices=choices,
+    )
+
+
+# ---------------------------------------------------------------------------------------- rendering
+
+# No autoescape (prompts are not HTML); keep_trailing_newline so a template's text is kept exactly.
+_ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(source: str) -> jinja2.Template:
+    return _ENV.from_string(source)
+
+
+def choose(task: TaskTemplates, index: int, seed: int) -> Template:
+    """The phrasing of example ``index``: a function of ``(seed, index)`` only."""
+    return random.Random(f"{seed}:{index}").choice(task.templates)
+
+
+def render(task: TaskTemplates, record: dict, index: int, seed: int) -> tuple[str, str]:
+    """``(input, target)`` of one example, with the phrasing :func:`choose` picks for it."""
+    template = choose(task, index, seed)
+    return _render(template, record, task, f"example {index}")
+
+
+def render_with(template: Template, record: dict) -> tuple[str, str]:
+    """``(input, target)`` of ``record`` with one fixed phrasing."""
+    return _render(template, record, None, "the record")
+
+
+def _render(template: Template, record: dict, task: TaskTemplates | None, where: str) -> tuple[str, str]:
+    # A null value counts as missing, so an empty CSV cell or parquet null is not rendered as "None".
+    context = {k: v for k, v in record.items() if v is not None}
+    if task is not None and task.answer_choices is not None:
+        context.setdefault("answer_choices", task.answer_choices)
+    try:
+        return _compile(template.input).render(context), _compile(template.target).render(context)
+    except jinja2.UndefinedError as e:
+        match = re.match(r"'([^']+)' is undefined", e.message or "")
+        what = f"field '{match.group(1)}'" if match else f"a field ({e.message})"
+        raise UserError(
+            f"{where}: template '{template.name}'{_of(task)} needs {what}, which the record lacks "
+            f"(it has {_fields(record)}); fix the data or choose another --template"
+        ) from None
+    except jinja2.TemplateError as e:  # e.g. the sandbox refusing an unsafe attribute, a failing filter
+        message = " ".join(str(e).split())
+        raise UserError(
+            f"{where}: template '{template.name}'{_of(task)} failed to render ({message}); fix the template"
+        ) from None
+
+
+def _of(task: TaskTemplates | None) -> str:
+    return f" of task '{task.task}'" if task is not None else ""
+
+
+def _fields(record: dict) -> str:
+    names = [str(k) for k in record if not str(k).startswith("_")]  # not bookkeeping keys like _index
+    return ", ".join(names) or "no fields"
+
+
+def _needs(builtins: dict[str, TaskTemplates]) -> str:
+    return "; ".join(f"{name} ({', '.join(t.fields)})" for name, t in builtins.items())
