@@ -36,3 +36,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real evaluation data not found at {SHARED_DATA} (../shared/data beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir(tmp_path_factory) -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once per test session into an HF folder.
+
+    Use it as ``load_model(str(embedded_model_dir))`` (a fraction of a second per load).
+    """
+    from peftlab.models import convert_gguf, embedded_gguf_path
+
+    return convert_gguf(embedded_gguf_path(), tmp_path_factory.mktemp("embedded") / "smollm2-135m-instruct")

@@ -5,11 +5,24 @@ The Python API mirrors the CLI: ``peftlab.train``, ``peftlab.evaluate``, ``peftl
 generate|score|demo`` (as keyword arguments or a typed config).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from peftlab.api import demo, evaluate, generate, score_files, train  # noqa: E402
-from peftlab.config import DemoConfig, EvalConfig, GenerateConfig, ScoreConfig, TrainConfig  # noqa: E402
-from peftlab.errors import UserError  # noqa: E402
+# Resolved on first use, so `import peftlab.data` (or the CLI's --help) does not pay for torch.
+_API = {
+    "train": "peftlab.api", "evaluate": "peftlab.api", "generate": "peftlab.api", "score_files": "peftlab.api",
+    "demo": "peftlab.api", "TrainConfig": "peftlab.config", "EvalConfig": "peftlab.config",
+    "GenerateConfig": "peftlab.config", "ScoreConfig": "peftlab.config", "DemoConfig": "peftlab.config",
+    "UserError": "peftlab.errors",
+}
+__all__ = list(_API)
 
-__all__ = ["train", "evaluate", "generate", "score_files", "demo", "TrainConfig", "EvalConfig", "GenerateConfig",
-           "ScoreConfig", "DemoConfig", "UserError"]
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
+    return getattr(importlib.import_module(_API[name]), name)
