@@ -135,3 +135,13 @@ def test_checkpoint_holds_weights_optimizer_and_position(tiny_llama_dir, tmp_pat
     state = json.loads((step2 / "state.json").read_text())
     assert state["step"] == 2 and state["epoch"] == 0 and state["next_micro"] == 2
     assert {"weights.safetensors", "optimizer.pt", "rng.pt", "state.json"} <= {p.name for p in step2.iterdir()}
+
+
+@pytest.mark.slow
+def test_a_training_step_on_the_embedded_model(embedded_model_dir, tmp_path):
+    result = train(TrainConfig(model=str(embedded_model_dir), data="demo:dialogsum", out=str(tmp_path / "r"),
+                               max_steps=1, batch_size=2, limit=2, eval_limit=2, device="cpu"))
+    trace = losses(result.run_dir)
+    assert len(trace) == 1 and 0 < trace[0] < 10
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert info["data"]["chat_template"] is True and info["parameters"]["total"] > 100_000_000

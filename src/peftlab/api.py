@@ -90,7 +90,7 @@ def demo(config: DemoConfig | None = None, *, progress: ProgressFactory = silent
 
 
 def _demo(config: DemoConfig, work: Path, progress: ProgressFactory, log: Log) -> DemoResult:
-    common = dict(data=config.data, limit=config.test_examples, device=config.device)
+    common = dict(data=config.data, limit=config.test_examples, device=config.device, max_new_tokens=config.max_new_tokens)
     log(f"1/3 zero-shot baseline of {config.model} on {config.test_examples} held-out examples")
     baseline = _evaluate.evaluate(EvalConfig(model=config.model, out=str(work / "baseline"), **common), progress=progress)
     log(f"2/3 full fine-tuning: {config.max_steps} steps of {config.batch_size} examples")

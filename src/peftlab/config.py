@@ -199,12 +199,13 @@ class DemoConfig:
     max_steps: int = option(30, "Optimizer steps of full fine-tuning.")
     batch_size: int = option(8, "Examples per step.")
     lr: float = option(5e-5, "Peak learning rate.")
+    max_new_tokens: int = option(64, "Tokens generated per summary at most (greedy).")
     seed: int = option(42, "Seed.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
     overwrite: bool = option(False, "Replace a demo already in --out.")
 
     def __post_init__(self) -> None:
-        _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "lr")
+        _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "lr", "max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------

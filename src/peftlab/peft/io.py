@@ -1,0 +1,296 @@
+"""Adapters on disk in HF peft's format, both ways.
+
+A peft adapter folder holds ``adapter_config.json`` (the method and its settings, ``peft_type``
+first) and ``adapter_model.safetensors`` (only the adapter tensors, keyed by their module path
+under ``base_model.model.``, e.g. ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``).
+Folders written here load with ``peft.PeftModel.from_pretrained`` and folders written by peft's
+``save_pretrained`` load here.
+
+    save_adapter(model, "runs/x/adapter", lora_config, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(...), "runs/x/adapter")
+
+Each method registers an :class:`AdapterFormat` under its ``peft_type`` (LoRA registers
+``"LORA"`` below); :func:`load_adapter` dispatches on the ``peft_type`` of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.errors import UserError
+from peftlab.peft.core import (
+    LAYER_PATTERN,
+    REGEX_PREFIX,
+    adapter_parameters,
+    adapter_state_dict,
+    layer_index,
+    load_adapter_state_dict,
+    select_modules,
+)
+from peftlab.peft.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."  # peft's key prefix for tuners that wrap layers (LoRA, IA3, ...)
+
+
+def _add_peft_prefix(key: str) -> str:
+    return PEFT_PREFIX + key
+
+
+def _strip_peft_prefix(key: str) -> str:
+    return key.removeprefix(PEFT_PREFIX)
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """How one PEFT method speaks peft's on-disk format."""
+
+    config_type: type
+    """Our config class for the method (``save_adapter`` finds the format from it)."""
+    config_from_json: Callable[[dict[str, Any]], Any]
+    """adapter_config.json (a dict) -> our config; raises UserError on settings we do not support."""
+    config_to_json: Callable[[Any, nn.Module], dict[str, Any]]
+    """Our config and the adapted model -> the method's fields of adapter_config.json."""
+    apply: Callable[[nn.Module, Any], nn.Module]
+    """Inject the (untrained) adapter into a base model, as the method's ``apply_*`` does.
+
+    Files from peft may name targets absent from this architecture: accept them if some target matches."""
+    to_file_key: Callable[[str], str] = _add_peft_prefix
+    """``model.state_dict()`` key of an adapter tensor -> its key in adapter_model.safetensors."""
+    from_file_key: Callable[[str], str] = _strip_peft_prefix
+
+
+FORMATS: dict[str, AdapterFormat] = {}
+
+
+def register_format(peft_type: str, fmt: AdapterFormat) -> None:
+    """Make ``peft_type`` (``"LORA"``, ``"IA3"``, ``"PROMPT_TUNING"``, or one of ours) saveable and loadable."""
+    FORMATS[peft_type] = fmt
+
+
+def _format_for_config(config: Any) -> tuple[str, AdapterFormat]:
+    for peft_type, fmt in FORMATS.items():
+        if isinstance(config, fmt.config_type):
+            return peft_type, fmt
+    raise UserError(f"no adapter file format is registered for {type(config).__name__}")
+
+
+def default_task_type(model: nn.Module) -> str:
+    is_seq2seq = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return "SEQ_2_SEQ_LM" if is_seq2seq else "CAUSAL_LM"
+
+
+def save_adapter(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: Any,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the adapter in ``model``."""
+    peft_type, fmt = _format_for_config(config)
+    tensors = {fmt.to_file_key(k): t.contiguous() for k, t in adapter_state_dict(model).items()}
+    if not tensors:
+        raise UserError("the model holds no adapter to save: apply or load one first")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(model, "name_or_path", None) or None
+    fields = {
+        "peft_type": peft_type,
+        "task_type": task_type or default_task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "auto_mapping": None,
+        **fmt.config_to_json(config, model),
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CONFIG_NAME).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
+    return out_dir
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserError(f"adapter folder {adapter_dir} does not exist: pass the folder holding adapter_config.json")
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        raise UserError(
+            f"{adapter_dir} has no {CONFIG_NAME}: pass a folder written by peftlab or by peft's save_pretrained"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}): re-save the adapter") from None
+    if not isinstance(data, dict) or "peft_type" not in data:
+        raise UserError(f"{path} has no peft_type: it is not a peft adapter config")
+    return data
+
+
+def read_adapter_tensors(adapter_dir: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / SAFETENSORS_NAME).is_file():
+        return load_file(str(adapter_dir / SAFETENSORS_NAME), device="cpu")
+    if (adapter_dir / PICKLE_NAME).is_file():
+        if not trust_pickle:
+            raise UserError(
+                f"{adapter_dir} holds a pickle ({PICKLE_NAME}), which can run code when loaded: "
+                "pass --trust-pickle if you trust its source, or convert it to safetensors"
+            )
+        try:  # even when trusted, only tensors are unpickled
+            return torch.load(adapter_dir / PICKLE_NAME, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot read {adapter_dir / PICKLE_NAME}: {first_line}") from None
+    raise UserError(f"{adapter_dir} has no {SAFETENSORS_NAME}: the adapter weights are missing")
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, trust_pickle: bool = False, trainable: bool = False
+) -> nn.Module:
+    """Inject the adapter described in ``adapter_dir`` into ``model`` and load its weights (strictly).
+
+    The adapter parameters are frozen unless ``trainable`` (e.g. to continue training).
+    """
+    data = read_adapter_config(adapter_dir)
+    peft_type = data["peft_type"]
+    if peft_type not in FORMATS:
+        raise UserError(
+            f"adapter type {peft_type!r} in {adapter_dir} is not supported: peftlab reads {', '.join(FORMATS)}"
+        )
+    fmt = FORMATS[peft_type]
+    config = fmt.config_from_json(data)
+    tensors = read_adapter_tensors(adapter_dir, trust_pickle)
+    model = fmt.apply(model, config)
+    load_adapter_state_dict(model, {fmt.from_file_key(k): v for k, v in tensors.items()})
+    for param in adapter_parameters(model).values():
+        param.requires_grad_(trainable)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA (peft_type "LORA"; rsLoRA and DoRA are flags of it)
+
+# peft LoraConfig fields that change the maths or add tensors we do not implement, with the value meaning "off".
+_UNSUPPORTED_LORA_FIELDS = {
+    "bias": "none",
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+# init_lora_weights values that leave the base weights and the LoRA forward as they are.
+_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def lora_config_from_json(data: dict[str, Any]) -> LoraConfig:
+    for name, off in _UNSUPPORTED_LORA_FIELDS.items():
+        value = data.get(name, off)
+        if value != off and value not in (None, False, {}, []):
+            raise UserError(f"this LoRA adapter uses peft's {name}={value!r}, which peftlab does not support")
+    if data.get("init_lora_weights", True) not in _PLAIN_LORA_INITS:
+        raise UserError(
+            f"this LoRA adapter uses init_lora_weights={data['init_lora_weights']!r}, which changes the base "
+            "weights or the forward: convert it to plain LoRA with peft first"
+        )
+    layers = data.get("layers_to_transform")
+    patterns = data.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else patterns or []
+    if layers is not None and not set(patterns) <= {"layers", "block", "h"}:
+        raise UserError(f"this LoRA adapter uses layers_pattern={patterns!r}; peftlab knows layers, block and h")
+    return LoraConfig(  # peft's defaults where the file is silent
+        rank=data.get("r", 8),
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0),
+        targets=_patterns_from_json(data.get("target_modules")),
+        exclude=_patterns_from_json(data.get("exclude_modules")) or (),
+        layers=layers,
+        rslora=data.get("use_rslora", False),
+        dora=data.get("use_dora", False),
+    )
+
+
+def _patterns_from_json(value: str | list[str] | None) -> list[str] | None:
+    """peft's target_modules: a list of names/suffixes, or a string that is a full-match regex."""
+    if value is None:
+        return None
+    return [REGEX_PREFIX + value] if isinstance(value, str) else list(value)
+
+
+def lora_config_to_json(config: LoraConfig, model: nn.Module) -> dict[str, Any]:
+    """peft's LoraConfig fields; only long-standing ones, so that older peft versions read the file too."""
+    return {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        **lora_target_fields(model),
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "init_lora_weights": True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def lora_target_fields(model: nn.Module) -> dict[str, Any]:
+    """peft's ``target_modules`` (+ ``layers_to_transform``, ``layers_pattern``) for the LoRA layers in ``model``.
+
+    As peft itself writes them when possible: the sorted layer names (``["q_proj", "v_proj"]``),
+    restricted to some blocks if ``layers`` was used; otherwise (``exclude`` was used) a regex that
+    matches each adapted path.
+    """
+    paths = list(lora_layers(model))
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    candidates = (nn.Linear, LoraLinear)
+    if set(select_modules(model, names, module_type=candidates)) == set(paths):
+        return {"target_modules": names, "layers_to_transform": None, "layers_pattern": None}
+    indices = {layer_index(p) for p in paths}
+    if None not in indices and set(select_modules(model, names, layers=indices, module_type=candidates)) == set(paths):
+        patterns = sorted({LAYER_PATTERN.search(p)[1] for p in paths})
+        return {
+            "target_modules": names,
+            "layers_to_transform": sorted(indices),
+            "layers_pattern": patterns[0] if len(patterns) == 1 else patterns,
+        }
+    return {
+        "target_modules": "|".join(re.escape(p) for p in paths),
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+register_format(
+    "LORA",
+    AdapterFormat(
+        config_type=LoraConfig,
+        config_from_json=lora_config_from_json,
+        config_to_json=lora_config_to_json,
+        apply=lambda model, config: apply_lora(model, config, strict=False),
+    ),
+)
