@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # Resolved on first use, so `import peftlab.data` (or the CLI's --help) does not pay for torch.
 _API = {
     "train": "peftlab.api", "evaluate": "peftlab.api", "generate": "peftlab.api", "score_files": "peftlab.api",
-    "demo": "peftlab.api", "TrainConfig": "peftlab.config", "EvalConfig": "peftlab.config",
+    "demo": "peftlab.api", "merge": "peftlab.api", "MergeConfig": "peftlab.config", "TrainConfig": "peftlab.config", "EvalConfig": "peftlab.config",
     "GenerateConfig": "peftlab.config", "ScoreConfig": "peftlab.config", "DemoConfig": "peftlab.config",
     "UserError": "peftlab.errors",
 }

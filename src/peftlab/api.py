@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab.config import DemoConfig, EvalConfig, GenerateConfig, ScoreConfig, TrainConfig
+from peftlab.config import DemoConfig, EvalConfig, GenerateConfig, MergeConfig, ScoreConfig, TrainConfig
 from peftlab.data.encode import uses_chat_template
 from peftlab.eval import evaluate as _evaluate
 from peftlab.eval.generate import generate as _generate
@@ -67,6 +67,24 @@ def score_files(config: ScoreConfig | None = None, **options) -> ScoreReport:
     if config.per_example:
         _evaluate.write_atomic(Path(config.per_example), "".join(json.dumps(row) + "\n" for row in report.per_example))
     return report
+
+
+def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = silent, **options) -> Path:
+    """Fold an adapter into its base model and save a plain HF model folder (``peftlab merge``)."""
+    from peftlab.peft import merge_and_unload
+
+    config = _config(MergeConfig, config, options)
+    folder = ckpt.RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
+    try:
+        loaded = _evaluate.load_for_inference(config.model, config.adapter, config.dtype, "cpu", config.trust_pickle, progress)
+        model = merge_and_unload(loaded.model)
+        model.save_pretrained(folder.work)
+        loaded.tokenizer.save_pretrained(folder.work)
+    except BaseException:
+        folder.abandon()
+        raise
+    folder.commit()
+    return folder.final
 
 
 @dataclass

@@ -26,6 +26,7 @@ from peftlab.config import (
     DemoConfig,
     EvalConfig,
     GenerateConfig,
+    MergeConfig,
     ScoreConfig,
     TrainConfig,
     build,
@@ -121,12 +122,18 @@ def cmd_demo(config: DemoConfig) -> None:
         say(f"{label}: {path}")
 
 
+def cmd_merge(config: MergeConfig) -> None:
+    out = api.merge(config, progress=progress)
+    say(f"merged model: {out}")
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "demo": (DemoConfig, cmd_demo),
     "train": (TrainConfig, cmd_train),
     "eval": (EvalConfig, cmd_eval),
     "generate": (GenerateConfig, cmd_generate),
     "score": (ScoreConfig, cmd_score),
+    "merge": (MergeConfig, cmd_merge),
 }
 
 

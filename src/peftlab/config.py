@@ -34,6 +34,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
+METHOD_NAMES = ("full", "lora", "dora")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +76,8 @@ class TrainConfig:
     model: str = option(REQUIRED, "Base model: a local HF folder, a hub id, a .gguf file or an alias (smollm2-135m-instruct).")
     data: str = option(REQUIRED, "Training data: .jsonl/.json/.csv/.parquet file, a datasets folder, hf:NAME[:CONFIG][@SPLIT] or demo:dialogsum.")
     out: str = option(REQUIRED, "Run folder to create (config, metrics.jsonl, checkpoints/, final/).")
-    method: str = option("full", "Fine-tuning method.", choices=("full",))
+    method: str = option("full", "Fine-tuning method: full (every weight), lora, dora (weight-decomposed LoRA).",
+                         choices=METHOD_NAMES)
     template: str | None = option(None, "Prompt template: a built-in name or a YAML file. Default: detected from the data's fields.")
     split_fractions: str = option("0.8,0.1,0.1", "train,validation,test fractions of the data (sum to 1).")
     split_seed: int = option(0, "Seed of the train/validation/test split and of the per-example template choice.")
@@ -101,6 +103,15 @@ class TrainConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
     resume: bool = option(False, "Continue the run in --out from its newest checkpoint.")
     overwrite: bool = option(False, "Replace a run already in --out (the old one is kept until the new one finishes).")
+    # --- LoRA family (lora, dora)
+    rank: int = option(8, "LoRA rank r of the update B A.")
+    alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora).")
+    dropout: float = option(0.05, "Dropout on the LoRA adapter's input.")
+    rslora: bool = option(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    targets: str | None = option(None, "Modules to adapt: comma-separated names or suffixes (q_proj,v_proj), all-linear, "
+                                       "or re:REGEX. Default: the architecture's (T5: q,v; Llama-style: q_proj,v_proj).")
+    exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
+    layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
 
     def __post_init__(self) -> None:
         validate_choices(self)
@@ -170,6 +181,18 @@ class GenerateConfig:
         if (self.prompt is None) == (self.input is None):
             raise UserError("give exactly one of --prompt TEXT or --input FILE")
         _positive(self, "batch_size", "max_new_tokens", "max_length")
+
+
+@dataclass
+class MergeConfig:
+    """``peftlab merge``: fold a LoRA adapter into its base model and write a plain HF model folder."""
+
+    model: str = option(REQUIRED, "Base model the adapter was trained on.")
+    adapter: str = option(REQUIRED, "LoRA/DoRA adapter folder (peft format).")
+    out: str = option(REQUIRED, "Folder for the merged model (loads with AutoModel*.from_pretrained).")
+    dtype: str = option("float32", "dtype of the merged weights.", choices=DTYPES)
+    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    overwrite: bool = option(False, "Replace a model already in --out (the old one is kept until the new one is written).")
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from peftlab.errors import UserError
+from peftlab.peft import LoraConfig, apply_lora, save_adapter
 from peftlab.peft.core import ParameterReport, parameter_report  # noqa: F401  (re-exported for the loop)
 
 
@@ -35,7 +36,34 @@ def _save_full(model, tokenizer, folder: Path, loaded, config) -> None:
     tokenizer.save_pretrained(folder)
 
 
-METHODS: dict[str, Method] = {"full": Method("full", _prepare_full, _save_full)}
+def _patterns(text: str | None) -> str | list[str] | None:
+    """``q_proj,v_proj`` -> a list; ``all-linear`` and ``re:REGEX`` stay one pattern."""
+    if text is None:
+        return None
+    if text.startswith("re:") or text == "all-linear":
+        return text
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def lora_config(config) -> LoraConfig:
+    return LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=_patterns(config.targets),
+                      exclude=_patterns(config.exclude) or (), layers=config.layers, rslora=config.rslora,
+                      dora=config.method == "dora")
+
+
+def _prepare_lora(model, config):
+    return apply_lora(model, lora_config(config))
+
+
+def _save_adapter(model, tokenizer, folder: Path, loaded, config) -> None:
+    save_adapter(model, folder, lora_config(config), base_model_name_or_path=loaded.name)
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", _prepare_full, _save_full),
+    "lora": Method("lora", _prepare_lora, _save_adapter),
+    "dora": Method("dora", _prepare_lora, _save_adapter),
+}
 
 
 def get(name: str) -> Method:

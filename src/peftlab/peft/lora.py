@@ -222,14 +222,14 @@ def apply_lora(model: nn.Module, config: LoraConfig, strict: bool = True) -> nn.
     ``strict=False`` accepts targets that match nothing as long as one does (peft's rule for adapter files).
     """
     paths = select_modules(model, config.targets, config.exclude, config.layers, strict=strict)
-    for path in paths:  # check every layer before changing any
-        base = get_module(model, path)
-        max_rank = min(base.in_features, base.out_features)
-        if config.rank > max_rank:
-            raise UserError(
-                f"LoRA rank {config.rank} is larger than layer {path} allows: its weight is "
-                f"{base.out_features} x {base.in_features}; use --rank {max_rank} or less"
-            )
+    # check every layer before changing any; suggest the largest rank that fits them all
+    sizes = {path: (get_module(model, path).out_features, get_module(model, path).in_features) for path in paths}
+    path, (rows, cols) = min(sizes.items(), key=lambda item: min(item[1]))
+    if config.rank > min(rows, cols):
+        raise UserError(
+            f"LoRA rank {config.rank} is larger than layer {path} allows: its weight is "
+            f"{rows} x {cols}; use --rank {min(rows, cols)} or less"
+        )
     for path in paths:
         base = get_module(model, path)
         layer = LoraLinear(
