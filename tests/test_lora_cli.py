@@ -114,3 +114,24 @@ def test_lora_user_errors(tiny_llama_dir, tiny_t5_dir, tmp_path, capsys):
     assert "--trust-pickle" in _error(ev + ["--model", str(tiny_llama_dir), "--adapter", str(pickled)], capsys)
     capsys.readouterr()
     assert main(ev + ["--model", str(tiny_llama_dir), "--adapter", str(pickled), "--trust-pickle", "--max-new-tokens", "4"]) == 0
+
+
+@pytest.mark.slow
+def test_lora_on_the_embedded_model(embedded_model_dir, tmp_path):
+    """r=8 on q,v: the run trains, final/ is under 2 MB, and the parameter report equals peft's."""
+    peft = pytest.importorskip("peft")
+    result = train(TrainConfig(model=str(embedded_model_dir), data="demo:dialogsum", out=str(tmp_path / "r"),
+                               method="lora", rank=8, alpha=16, targets="q_proj,v_proj", max_steps=2, batch_size=2,
+                               limit=4, eval_limit=2, device="cpu"))
+    assert all(0 < x < 10 for x in losses(result.run_dir))
+    size = sum(p.stat().st_size for p in result.final_dir.iterdir())
+    assert size < 2_000_000, size
+    reference = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(embedded_model_dir),
+        peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    trainable, total = reference.get_nb_trainable_parameters()
+    ours = result.parameters
+    assert (ours["trainable"], ours["total"]) == (trainable, total)
+    assert ours["line"] == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                            f"trainable%: {100 * trainable / total:.4f}")

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from peftlab.config import DemoConfig, EvalConfig, GenerateConfig, MergeConfig, ScoreConfig, TrainConfig
+from peftlab.config import (
+    CompareConfig,
+    DemoConfig,
+    EvalConfig,
+    GenerateConfig,
+    MergeConfig,
+    ReportConfig,
+    ScoreConfig,
+    SweepConfig,
+    TrainConfig,
+)
 from peftlab.data.encode import uses_chat_template
 from peftlab.eval import evaluate as _evaluate
 from peftlab.eval.generate import generate as _generate
@@ -85,6 +95,27 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
         raise
     folder.commit()
     return folder.final
+
+
+def compare(config: CompareConfig | None = None, *, log: Log = lambda _: None, **options):
+    """Run methods side by side and write the report (``peftlab compare``)."""
+    from peftlab.experiment.compare import compare as _compare
+
+    return _compare(_config(CompareConfig, config, options), log=log)
+
+
+def sweep(config: SweepConfig | None = None, *, log: Log = lambda _: None, **options):
+    """One method, one option over several values (``peftlab sweep``)."""
+    from peftlab.experiment.compare import sweep as _sweep
+
+    return _sweep(_config(SweepConfig, config, options), log=log)
+
+
+def report(config: ReportConfig | None = None, **options) -> Path:
+    """Rebuild report.md / report.html of a compare or sweep folder (``peftlab report``)."""
+    from peftlab.experiment.report import write_report
+
+    return write_report(_config(ReportConfig, config, options).run_dir)
 
 
 @dataclass

@@ -25,9 +25,12 @@ from peftlab import __version__, api
 from peftlab.config import (
     DemoConfig,
     EvalConfig,
+    CompareConfig,
     GenerateConfig,
     MergeConfig,
+    ReportConfig,
     ScoreConfig,
+    SweepConfig,
     TrainConfig,
     build,
     flag,
@@ -127,6 +130,31 @@ def cmd_merge(config: MergeConfig) -> None:
     say(f"merged model: {out}")
 
 
+def _print_experiment(result) -> None:
+    from peftlab.experiment.report import markdown_table, rouge_table, tradeoff_table
+
+    say("")
+    say(markdown_table(*rouge_table(result.rows)))
+    say("")
+    say(markdown_table(*tradeoff_table(result.rows)))
+    if result.skipped:
+        say(f"\nreused finished results of: {', '.join(result.skipped)}")
+    say(f"\nreport: {result.out / 'report.md'} and {result.out / 'report.html'}")
+
+
+def cmd_compare(config: CompareConfig) -> None:
+    _print_experiment(api.compare(config, log=say))
+
+
+def cmd_sweep(config: SweepConfig) -> None:
+    _print_experiment(api.sweep(config, log=say))
+
+
+def cmd_report(config: ReportConfig) -> None:
+    path = api.report(config)
+    say(f"report: {path} and {path.with_suffix('.html')}")
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "demo": (DemoConfig, cmd_demo),
     "train": (TrainConfig, cmd_train),
@@ -134,6 +162,9 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "generate": (GenerateConfig, cmd_generate),
     "score": (ScoreConfig, cmd_score),
     "merge": (MergeConfig, cmd_merge),
+    "compare": (CompareConfig, cmd_compare),
+    "sweep": (SweepConfig, cmd_sweep),
+    "report": (ReportConfig, cmd_report),
 }
 
 
@@ -175,8 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sweep_shorthand(argv: list[str]) -> list[str]:
+    """``sweep --rank 1,2,4`` -> ``sweep --sweep rank=1,2,4`` (any training option that sweep itself lacks)."""
+    if not argv or argv[0] != "sweep" or "--sweep" in argv:
+        return argv
+    own = {f"--{flag(f.name)}" for f in dataclasses.fields(SweepConfig)}
+    train = {f"--{flag(f.name)}" for f in dataclasses.fields(TrainConfig)}
+    for i, token in enumerate(argv[:-1]):
+        if token in train and token not in own and "," in argv[i + 1]:
+            return argv[:i] + argv[i + 2 :] + ["--sweep", f"{token[2:]}={argv[i + 1]}"]
+    return argv
+
+
 def parse(argv: list[str]) -> tuple[Any, Callable]:
-    args = vars(build_parser().parse_args(argv))
+    args = vars(build_parser().parse_args(_sweep_shorthand(argv)))
     cls, run = COMMANDS[args.pop("command")]
     recipe = read_recipe(args.pop("config")) if args.get("config") else {}
     args.pop("config", None)

@@ -143,6 +143,7 @@ class EvalConfig:
     split_seed: int = option(0, "Must match the training run's --split-seed.")
     template: str | None = option(None, "Prompt template: a built-in name or a YAML file (default: detected).")
     limit: int | None = option(None, "Evaluate at most this many examples of the split.")
+    fewshot: int = option(0, "In-context learning: put this many training-split examples (seeded choice) before each prompt.")
     batch_size: int = option(8, "Prompts generated together.")
     max_new_tokens: int = option(96, "Tokens generated per prompt at most (greedy).")
     max_length: int = option(512, "Maximum prompt tokens (cut from the left).")
@@ -157,7 +158,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         validate_choices(self)
         _positive(self, "limit", "batch_size", "max_new_tokens", "max_length")
-        _positive(self, "bootstrap", allow_zero=True)
+        _positive(self, "bootstrap", "fewshot", allow_zero=True)
 
 
 @dataclass
@@ -208,6 +209,61 @@ class ScoreConfig:
 
     def __post_init__(self) -> None:
         _positive(self, "bootstrap", allow_zero=True)
+
+
+@dataclass
+class ExperimentConfig:
+    """What ``compare`` and ``sweep`` share: the data, the budget and the evaluation every variant gets."""
+
+    model: str = option(REQUIRED, "Base model (local folder, hub id, .gguf file or alias).")
+    data: str = option(REQUIRED, "Data (same sources as train).")
+    out: str = option(REQUIRED, "Experiment folder (rerun the same command to continue an interrupted one).")
+    template: str | None = option(None, "Prompt template (default: detected from the data).")
+    split_fractions: str = option("0.8,0.1,0.1", "train,validation,test fractions.")
+    split_seed: int = option(0, "Seed of the split.")
+    train_limit: int | None = option(None, "Training examples used by every method (None: the whole train split).")
+    test_limit: int | None = option(100, "Test examples evaluated by every method (None: the whole test split).")
+    epochs: float = option(1.0, "Passes over the training examples (ignored when --max-steps is set).")
+    max_steps: int | None = option(None, "Optimizer steps of every training method: the same token budget for all.")
+    batch_size: int = option(8, "Examples per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    lr: float | None = option(None, "Peak learning rate for every method (default: each method's own).")
+    train_options: str | None = option(None, "More training options for every method, e.g. rank=16,alpha=32,targets=all-linear.")
+    seed: int = option(42, "Training seed.")
+    max_new_tokens: int = option(96, "Tokens generated per test prompt at most.")
+    max_length: int = option(512, "Maximum tokens of a training example / prompt.")
+    eval_batch_size: int = option(8, "Prompts generated together.")
+    latency_examples: int = option(8, "Prompts timed with the adapter unmerged and merged (0: skip).")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "train_limit", "test_limit", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
+                  "max_new_tokens", "max_length", "eval_batch_size")
+        _positive(self, "latency_examples", allow_zero=True)
+
+
+@dataclass
+class CompareConfig(ExperimentConfig):
+    """``peftlab compare``: every method on identical splits, budget and test set, measured and reported."""
+
+    methods: str = option("base,full,lora", "Comma-separated: base (zero-shot), fewshot:K (K examples in the prompt) and training methods.")
+
+
+@dataclass
+class SweepConfig(ExperimentConfig):
+    """``peftlab sweep``: one method, one option over several values (e.g. --rank 1,2,4,8,16,32,64)."""
+
+    method: str = option("lora", "The training method swept.", choices=METHOD_NAMES)
+    sweep: str = option(REQUIRED, "OPTION=V1,V2,... of any training option, e.g. rank=1,2,4,8 (or write --rank 1,2,4,8).", kw_only=True)
+
+
+@dataclass
+class ReportConfig:
+    """``peftlab report``: rebuild report.md and report.html of a compare or sweep folder from its saved results."""
+
+    run_dir: str = option(REQUIRED, "The folder of a compare or sweep run.")
 
 
 @dataclass

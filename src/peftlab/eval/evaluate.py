@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from peftlab.config import EvalConfig, to_dict
-from peftlab.data.encode import uses_chat_template
+from peftlab.data.encode import format_prompt, uses_chat_template
 from peftlab.data.pipeline import Example, prepare
 from peftlab.errors import UserError
+from peftlab.memory import peak_memory
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
 from peftlab.models import LoadedModel, load_model
@@ -47,7 +49,8 @@ def load_for_inference(model: str, adapter: str | None, dtype: str, device: str,
     return loaded
 
 
-def select_examples(config: EvalConfig) -> list[Example]:
+def select_examples(config: EvalConfig) -> tuple[list[Example], list[Example]]:
+    """(examples to evaluate, few-shot examples drawn from the training split)."""
     data = prepare(config.data, config.template, config.split_fractions, config.split_seed)
     if config.split == "all":
         examples = sorted((ex for rows in data.splits.values() for ex in rows), key=lambda ex: ex.index)
@@ -56,7 +59,40 @@ def select_examples(config: EvalConfig) -> list[Example]:
     examples = examples[: config.limit]
     if not examples:
         raise UserError(f"the {config.split} split of {config.data} is empty; change --split or --split-fractions")
-    return examples
+    shots: list[Example] = []
+    if config.fewshot:
+        train = data.splits["train"]
+        if len(train) < config.fewshot:
+            raise UserError(f"--fewshot {config.fewshot} needs that many training examples; the train split has {len(train)}")
+        shots = random.Random(config.split_seed).sample(train, config.fewshot)
+    return examples, shots
+
+
+@dataclass
+class FewShotPrompts:
+    prompts: list[str]
+    prompt_tokens: list[int]  # tokens of each formatted prompt, as the model sees it
+    dropped: int  # few-shot examples left out because they did not fit the context
+
+
+def build_prompts(tokenizer, examples: list[Example], shots: list[Example], budget: int, chat: bool, is_seq2seq: bool) -> FewShotPrompts:
+    """Each prompt preceded by the few-shot examples (prompt, then its completion), as many as fit ``budget`` tokens.
+
+    Few-shot examples are dropped from the front (the last ones stay next to the query) until the prompt fits.
+    """
+    prompts, lengths, dropped = [], [], 0
+    for ex in examples:
+        kept = list(shots)
+        while True:
+            text = "\n\n".join([f"{s.prompt}\n{s.completion}" for s in kept] + [ex.prompt])
+            n = len(tokenizer(format_prompt(tokenizer, text, chat, is_seq2seq), add_special_tokens=is_seq2seq or not chat)["input_ids"])
+            if n <= budget or not kept:
+                break
+            kept.pop(0)
+            dropped += 1
+        prompts.append(text)
+        lengths.append(n)
+    return FewShotPrompts(prompts, lengths, dropped)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,12 +111,14 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not config.overwrite:
         raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them or choose another --out")
-    examples = select_examples(config)
+    examples, shots = select_examples(config)
     if loaded is None:
         loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
     chat = uses_chat_template(loaded.tokenizer, config.chat_template)
+    budget = config.max_length if loaded.context_length is None else min(config.max_length, loaded.context_length - config.max_new_tokens)
+    prompts = build_prompts(loaded.tokenizer, examples, shots, budget, chat, loaded.is_seq2seq)
     generation = generate(
-        loaded.model, loaded.tokenizer, [ex.prompt for ex in examples], is_seq2seq=loaded.is_seq2seq, chat=chat,
+        loaded.model, loaded.tokenizer, prompts.prompts, is_seq2seq=loaded.is_seq2seq, chat=chat,
         max_new_tokens=config.max_new_tokens, max_length=config.max_length, batch_size=config.batch_size, progress=progress,
     )
     references = [ex.completion for ex in examples]
@@ -97,12 +135,16 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
         "adapter": config.adapter,
         "chat_template": chat,
         "generation": {"new_tokens": generation.new_tokens, "seconds": generation.seconds,
-                       "tokens_per_second": generation.tokens_per_second},
+                       "tokens_per_second": generation.tokens_per_second,
+                       "latency_per_example_s": generation.seconds / len(examples),
+                       "mean_prompt_tokens": sum(prompts.prompt_tokens) / len(examples)},
+        "fewshot": {"k": config.fewshot, "dropped_examples": prompts.dropped},
+        "peak_memory": peak_memory(next(loaded.model.parameters()).device),
         "config": to_dict(config),
     }
     lines = [
-        json.dumps({"index": ex.index, "prompt": ex.prompt, "reference": ref, "prediction": pred, "scores": scores})
-        for ex, ref, pred, scores in zip(examples, references, generation.texts, report.per_example)
+        json.dumps({"index": ex.index, "prompt": prompt, "reference": ref, "prediction": pred, "scores": scores})
+        for ex, prompt, ref, pred, scores in zip(examples, prompts.prompts, references, generation.texts, report.per_example)
     ]
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")

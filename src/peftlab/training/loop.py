@@ -31,6 +31,7 @@ from peftlab.config import TrainConfig, to_dict
 from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_template
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
+from peftlab.memory import peak_memory
 from peftlab.models import load_model
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training import checkpoint as ckpt
@@ -256,7 +257,8 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
     seconds = time.perf_counter() - start
     info.update(status="finished", result={"steps": step, "train_loss": sum(recent) / len(recent) if recent else None,
                                            "eval_loss": eval_loss, "seconds": seconds,
-                                           "tokens_per_second": seen_tokens / seconds if seconds else 0.0})
+                                           "tokens_per_second": seen_tokens / seconds if seconds else 0.0,
+                                           "peak_memory": peak_memory(device)})
     ckpt.write_json(work / ckpt.RUN_MARKER, info)
     return TrainResult(work, work / "final", step, info["result"]["train_loss"], eval_loss, seconds,
                        info["result"]["tokens_per_second"], methods.report_dict(report))

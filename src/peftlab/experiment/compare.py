@@ -1,0 +1,243 @@
+"""``peftlab compare`` and ``peftlab sweep``: many fine-tuning runs on identical footing, measured.
+
+    peftlab compare --model smollm2-135m-instruct --data demo:dialogsum --out runs/cmp --methods base,fewshot:3,full,lora
+    peftlab sweep --model smollm2-135m-instruct --data demo:dialogsum --out runs/rank --method lora --rank 1,2,4,8,16,32,64
+
+Every variant uses the same split (fractions and seed), the same training examples, the same
+token budget (steps x batch size), the same seed and the same test examples. Each variant runs
+in its own process (``python -m peftlab train`` / ``eval`` with a YAML recipe written into its
+folder), so peak memory (process RSS on CPU, CUDA max allocated on GPU) is that variant's alone.
+
+A variant's numbers are saved in ``variants/<label>/result.json`` as soon as it finishes;
+running the same command again skips finished variants and resumes an interrupted training run
+from its newest checkpoint, so an interrupted comparison does not start over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
+from peftlab.errors import UserError
+
+MERGEABLE = ("lora", "dora", "qlora")
+EVAL_ONLY = ("base", "fewshot")
+# Settings that must agree for finished variants to be reused by a rerun.
+_SHARED = ("model", "data", "template", "split_fractions", "split_seed", "train_limit", "test_limit", "max_steps",
+           "epochs", "batch_size", "grad_accum", "lr", "seed", "max_new_tokens", "max_length", "train_options", "dtype")
+
+
+@dataclass
+class Variant:
+    label: str  # folder name and table row: "lora", "fewshot:3", "rank=16"
+    method: str  # "base", "fewshot", or a training method
+    train: dict = field(default_factory=dict)  # TrainConfig options of this variant (on top of the shared ones)
+    fewshot: int = 0
+
+
+def parse_methods(text: str) -> list[Variant]:
+    """``base,fewshot:3,full,lora`` -> variants; unknown names fail with the list of known ones."""
+    from peftlab.config import METHOD_NAMES
+
+    variants = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        name, _, arg = item.partition(":")
+        if name == "base" and not arg:
+            variants.append(Variant("base", "base"))
+        elif name == "fewshot":
+            if not arg.isdigit() or int(arg) <= 0:
+                raise UserError(f"'{item}': write fewshot:K with K > 0 training examples in the prompt, e.g. fewshot:3")
+            variants.append(Variant(item, "fewshot", fewshot=int(arg)))
+        elif name in METHOD_NAMES and not arg:
+            variants.append(Variant(name, name, {"method": name}))
+        else:
+            known = ", ".join(("base", "fewshot:K", *METHOD_NAMES))
+            raise UserError(f"unknown method '{item}' in --methods; choose from {known}")
+    if not variants:
+        raise UserError("--methods is empty; e.g. --methods base,full,lora")
+    if len({v.label for v in variants}) != len(variants):
+        raise UserError(f"--methods lists a method twice: {text}")
+    return variants
+
+
+def parse_options(text: str | None) -> dict:
+    """``rank=16,alpha=32`` -> {"rank": 16, "alpha": 32}, checked against TrainConfig's options."""
+    from peftlab.config import check_keys, parse_overrides
+
+    if not text:
+        return {}
+    options = parse_overrides([part for part in re.split(r",(?=[A-Za-z_-]+=)", text) if part])
+    check_keys(TrainConfig, options, "--train-options")
+    return options
+
+
+def sweep_variants(config: SweepConfig) -> list[Variant]:
+    name, sep, values = config.sweep.partition("=")
+    name = name.strip().lstrip("-").replace("-", "_")
+    if not sep or not values:
+        raise UserError(f"--sweep '{config.sweep}' must look like OPTION=V1,V2,..., e.g. rank=1,2,4,8")
+    from peftlab.config import check_keys, coerce
+
+    check_keys(TrainConfig, {name: None}, "--sweep")
+    parsed = [coerce(TrainConfig, name, yaml.safe_load(v)) for v in values.split(",") if v.strip()]
+    return [Variant(f"{name}={v}", config.method, {"method": config.method, name: v}) for v in parsed]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _run(args: list[str], log: Callable[[str], None]) -> None:
+    """Run a peftlab command in a child process (so its peak memory is its own)."""
+    result = subprocess.run([sys.executable, "-m", "peftlab", *args], stdout=subprocess.PIPE, stderr=None, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        tail = (result.stdout or "").strip().splitlines()[-1:] or [""]
+        raise UserError(f"'peftlab {args[0]}' failed (exit {result.returncode}) in {args[-1]}: {tail[0]}; "
+                        "fix it and rerun the same command to continue")
+
+
+def _write_recipe(path: Path, options: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({k: v for k, v in options.items() if v is not None}, sort_keys=False))
+    return path
+
+
+def _size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], None]) -> dict:
+    """Train (unless eval-only) and evaluate one variant; returns its measurements."""
+    common_eval = dict(data=config.data, template=config.template, split="test", split_fractions=config.split_fractions,
+                       split_seed=config.split_seed, limit=config.test_limit, max_new_tokens=config.max_new_tokens,
+                       max_length=config.max_length, batch_size=config.eval_batch_size, dtype=config.dtype,
+                       device=config.device, overwrite=True)
+    result: dict = {"label": variant.label, "method": variant.method}
+    if variant.method in EVAL_ONLY:
+        recipe = _write_recipe(folder / "eval.yaml", {**common_eval, "model": config.model, "fewshot": variant.fewshot,
+                                                      "out": str(folder / "eval")})
+        _run(["eval", "--config", str(recipe)], log)
+        result.update(trainable=0, total=None, percent=0.0, adapter_bytes=0)
+    else:
+        train = {**dict(model=config.model, data=config.data, out=str(folder / "run"), template=config.template,
+                        split_fractions=config.split_fractions, split_seed=config.split_seed, limit=config.train_limit,
+                        epochs=config.epochs, max_steps=config.max_steps, batch_size=config.batch_size,
+                        grad_accum=config.grad_accum, lr=config.lr, seed=config.seed, max_length=config.max_length,
+                        eval_limit=config.test_limit, dtype=config.dtype, device=config.device),
+                 **parse_options(config.train_options), **variant.train}
+        run = folder / "run"
+        resume = (run / "run.json").is_file() and json.loads((run / "run.json").read_text()).get("status") != "finished"
+        finished = (run / "run.json").is_file() and not resume
+        if not finished:
+            recipe = _write_recipe(folder / "train.yaml", {**train, "resume": resume, "overwrite": not resume})
+            _run(["train", "--config", str(recipe)], log)
+        info = json.loads((run / "run.json").read_text())
+        final = run / "final"
+        adapter = (final / "adapter_config.json").is_file()
+        model_eval = {"model": config.model, "adapter": str(final)} if adapter else {"model": str(final)}
+        recipe = _write_recipe(folder / "eval.yaml", {**common_eval, **model_eval, "out": str(folder / "eval")})
+        _run(["eval", "--config", str(recipe)], log)
+        p = info["parameters"]
+        result.update(
+            trainable=p["trainable"], total=p["total"], percent=p["percent"], adapter_bytes=_size(final),
+            train_seconds=info["result"]["seconds"], train_tokens_per_second=info["result"]["tokens_per_second"],
+            train_peak_memory=info["result"]["peak_memory"], eval_loss=info["result"]["eval_loss"],
+            train_loss=info["result"]["train_loss"], steps=info["result"]["steps"],
+        )
+        if variant.method in MERGEABLE and config.latency_examples:
+            result["merged"] = _merged_latency(config, folder, final, common_eval, log)
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    gen = metrics["generation"]
+    result.update({k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
+    result.update(eval_latency_s=gen["latency_per_example_s"], eval_tokens_per_second=gen["tokens_per_second"],
+                  eval_peak_memory=metrics["peak_memory"], prompt_tokens=gen["mean_prompt_tokens"],
+                  fewshot_dropped=metrics["fewshot"]["dropped_examples"], num_examples=metrics["num_examples"])
+    return result
+
+
+def _merged_latency(config, folder: Path, adapter: Path, common_eval: dict, log) -> dict:
+    """Latency of the same few prompts with the adapter unmerged and merged into the weights."""
+    merged = folder / "merged"
+    _run(["merge", "--model", config.model, "--adapter", str(adapter), "--out", str(merged), "--dtype", config.dtype,
+          "--overwrite"], log)
+    out = {}
+    for name, model in (("unmerged", {"model": config.model, "adapter": str(adapter)}), ("merged", {"model": str(merged)})):
+        recipe = _write_recipe(folder / f"latency-{name}.yaml", {**common_eval, **model, "limit": config.latency_examples,
+                                                                "out": str(folder / f"latency-{name}")})
+        _run(["eval", "--config", str(recipe)], log)
+        gen = json.loads((folder / f"latency-{name}" / "metrics.json").read_text())["generation"]
+        out[name] = {"latency_s": gen["latency_per_example_s"], "tokens_per_second": gen["tokens_per_second"]}
+    shutil.rmtree(merged, ignore_errors=True)  # a full model copy: keep only the numbers
+    return out
+
+
+@dataclass
+class ExperimentResult:
+    out: Path
+    rows: list[dict]
+    skipped: list[str]
+    report: Path | None = None
+
+
+def _check_settings(out: Path, config) -> None:
+    stored_path = out / "experiment.json"
+    current = {k: getattr(config, k) for k in _SHARED if hasattr(config, k)}
+    if stored_path.is_file():
+        stored = json.loads(stored_path.read_text())["shared"]
+        changed = [k for k in current if stored.get(k) != current[k]]
+        if changed:
+            raise UserError(f"{out} holds an experiment with other settings ({', '.join(changed)} differ); "
+                            "use another --out, or the original settings to continue it")
+    out.mkdir(parents=True, exist_ok=True)
+    stored_path.write_text(json.dumps({"kind": type(config).__name__, "shared": current, "config": to_dict(config)}, indent=2))
+
+
+def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant], log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
+    out = Path(config.out)
+    _check_settings(out, config)
+    rows, skipped = [], []
+    for i, variant in enumerate(variants, 1):
+        folder = out / "variants" / variant.label.replace(":", "-")
+        done = folder / "result.json"
+        if done.is_file():
+            log(f"[{i}/{len(variants)}] {variant.label}: finished earlier, skipped")
+            skipped.append(variant.label)
+            rows.append(json.loads(done.read_text()))
+            continue
+        log(f"[{i}/{len(variants)}] {variant.label}")
+        row = run_variant(variant, config, folder, log)
+        row["folder"] = str(folder)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(row, indent=2))
+        os.replace(tmp, done)
+        rows.append(row)
+    (out / "results.json").write_text(json.dumps({"kind": type(config).__name__, "rows": rows}, indent=2))
+    from peftlab.experiment.report import write_report
+
+    return ExperimentResult(out, rows, skipped, write_report(out))
+
+
+def compare(config: CompareConfig, log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
+    return run_experiment(config, parse_methods(config.methods), log)
+
+
+def sweep(config: SweepConfig, log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
+    return run_experiment(config, sweep_variants(config), log)
+
+
+def relative_quality(rows: list[dict], key: str = "rouge1") -> dict[str, float | None]:
+    """Each variant's metric as a fraction of full fine-tuning's (None without a full run)."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    return {r["label"]: (r[key] / full[key] if full and full[key] else None) for r in rows}
+
+

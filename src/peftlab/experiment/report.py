@@ -1,0 +1,220 @@
+"""Tables, plots and the report of a compare or sweep folder, rebuilt from its saved results.
+
+    peftlab report runs/cmp
+
+Reads ``results.json`` (one row per variant), each variant's ``run/metrics.jsonl`` (loss curves)
+and ``eval/predictions.jsonl`` (examples), and writes ``report.md`` and a self-contained
+``report.html`` (plots embedded as PNG): the ROUGE table of the course notes, the trade-off
+table on PEFT's five axes (memory, parameters, training speed, inference cost, performance),
+each method's quality relative to full fine-tuning, loss curves, ROUGE bars, quality against
+memory / parameters / speed, sweep curves, and example predictions side by side.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+from peftlab.errors import UserError
+
+ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f}"
+
+
+def load_results(run_dir: str | Path) -> tuple[str, list[dict]]:
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no results.json: give the folder of a compare or sweep run")
+    data = json.loads(path.read_text())
+    return data["kind"], data["rows"]
+
+
+def rouge_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    return ["model", *ROUGE, "bleu"], [[r["label"], *(_fmt(r[k]) for k in ROUGE), _fmt(r["bleu"])] for r in rows]
+
+
+def tradeoff_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """PEFT's five trade-off axes, one row per variant."""
+    full = next((r for r in rows if r["method"] == "full"), None)
+    headers = ["method", "trainable params", "trainable %", "adapter/checkpoint MB", "peak train memory MB",
+               "train s", "train tokens/s", "latency s/example", "gen tokens/s", "merged latency s", "rouge1",
+               "rouge1 vs full"]
+    table = []
+    for r in rows:
+        merged = r.get("merged", {}).get("merged", {})
+        rel = f"{100 * r['rouge1'] / full['rouge1']:.1f}%" if full and full["rouge1"] else "-"
+        table.append([
+            r["label"], f"{r['trainable']:,}", _fmt(r.get("percent"), 3), _mb(r.get("adapter_bytes")),
+            _mb((r.get("train_peak_memory") or {}).get("bytes")), _fmt(r.get("train_seconds"), 1),
+            _fmt(r.get("train_tokens_per_second"), 0), _fmt(r.get("eval_latency_s"), 3),
+            _fmt(r.get("eval_tokens_per_second"), 1), _fmt(merged.get("latency_s"), 3), _fmt(r["rouge1"]), rel,
+        ])
+    return headers, table
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _loss_curve(row: dict) -> tuple[list[int], list[float], list[tuple[int, float]]]:
+    path = Path(row.get("folder", "")) / "run" / "metrics.jsonl"
+    steps, losses, evals = [], [], []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                steps.append(rec["step"])
+                losses.append(rec["loss"])
+            elif "eval_loss" in rec and rec["eval_loss"] is not None:
+                evals.append((rec["step"], rec["eval_loss"]))
+    return steps, losses, evals
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _sweep_value(label: str):
+    raw = label.partition("=")[2]
+    try:
+        return float(raw)
+    except ValueError:
+        return raw
+
+
+def plots(kind: str, rows: list[dict]) -> dict[str, str]:
+    """Figure title -> base64 PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        steps, losses, _ = _loss_curve(r)
+        if steps:
+            ax.plot(steps, losses, label=r["label"])
+    ax.set(xlabel="step", ylabel="training loss", title="Loss curves")
+    if ax.lines:
+        ax.legend(fontsize=8)
+        figures["Loss curves"] = _png(fig)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.2
+    for i, key in enumerate(ROUGE):
+        ax.bar([j + i * width for j in range(len(rows))], [r[key] for r in rows], width, label=key)
+    ax.set_xticks([j + 1.5 * width for j in range(len(rows))], [r["label"] for r in rows], rotation=30, fontsize=8)
+    ax.set(ylabel="score", title="ROUGE by method")
+    ax.legend(fontsize=8)
+    figures["ROUGE by method"] = _png(fig)
+    plt.close(fig)
+
+    trained = [r for r in rows if r.get("train_peak_memory")]
+    if trained:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        axes_data = [
+            ("peak training memory (MB)", [r["train_peak_memory"]["bytes"] / 1e6 for r in trained]),
+            ("trainable parameters", [max(r["trainable"], 1) for r in trained]),
+            ("training tokens/s", [r["train_tokens_per_second"] for r in trained]),
+        ]
+        for ax, (label, xs) in zip(axes, axes_data):
+            ax.scatter(xs, [r["rouge1"] for r in trained])
+            for x, r in zip(xs, trained):
+                ax.annotate(r["label"], (x, r["rouge1"]), fontsize=8)
+            ax.set(xlabel=label, ylabel="ROUGE-1")
+        axes[1].set_xscale("log")
+        fig.suptitle("Quality against memory, parameters and speed")
+        figures["Quality against memory, parameters and speed"] = _png(fig)
+        plt.close(fig)
+
+    if kind == "SweepConfig":
+        values = [_sweep_value(r["label"]) for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(range(len(rows)), [r["rouge1"] for r in rows], "o-", label="ROUGE-1 (test)")
+        ax.set_xticks(range(len(rows)), [str(v) for v in values])
+        ax.set(xlabel=rows[0]["label"].partition("=")[0] if rows else "", ylabel="ROUGE-1", title="Sweep")
+        ax2 = ax.twinx()
+        ax2.plot(range(len(rows)), [r.get("eval_loss") for r in rows], "s--", color="tab:red", label="validation loss")
+        ax2.set_ylabel("validation loss")
+        fig.legend(loc="upper right", fontsize=8)
+        figures["Sweep: validation loss and ROUGE-1"] = _png(fig)
+        plt.close(fig)
+    return figures
+
+
+def examples(rows: list[dict], n: int = 3) -> list[dict]:
+    """The first ``n`` test examples with every variant's prediction."""
+    out: list[dict] = []
+    for r in rows:
+        path = Path(r.get("folder", "")) / "eval" / "predictions.jsonl"
+        if not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text().splitlines()[:n]):
+            rec = json.loads(line)
+            if len(out) <= i:
+                out.append({"reference": rec["reference"], "predictions": {}})
+            out[i]["predictions"][r["label"]] = rec["prediction"]
+    return out
+
+
+def write_report(run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    kind, rows = load_results(run_dir)
+    if not rows:
+        raise UserError(f"{run_dir}/results.json holds no finished variant yet")
+    rouge_h, rouge_rows = rouge_table(rows)
+    trade_h, trade_rows = tradeoff_table(rows)
+    samples = examples(rows)
+    title = "peftlab sweep" if kind == "SweepConfig" else "peftlab compare"
+
+    md = [f"# {title}", "", "## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
+          "## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
+          markdown_table(trade_h, trade_rows), ""]
+    if samples:
+        md += ["## Example predictions", ""]
+        for i, s in enumerate(samples, 1):
+            md += [f"### Example {i}", "", f"- reference: {s['reference']}"]
+            md += [f"- {label}: {text}" for label, text in s["predictions"].items()] + [""]
+    (run_dir / "report.md").write_text("\n".join(md))
+
+    figures = plots(kind, rows)
+
+    def html_table(headers, body) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+        rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
+
+    parts = [f"<h1>{title}</h1>", "<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
+             "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows)]
+    for name, data in figures.items():
+        parts += [f"<h2>{html.escape(name)}</h2>", f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">']
+    if samples:
+        parts.append("<h2>Example predictions</h2>")
+        for s in samples:
+            body = [["reference", s["reference"]]] + [[k, v] for k, v in s["predictions"].items()]
+            parts.append(html_table(["model", "text"], body))
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}img{max-width:100%}")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
+            f"<body>{''.join(parts)}</body></html>")
+    (run_dir / "report.html").write_text(page)
+    return run_dir / "report.md"
