@@ -1,0 +1,119 @@
+"""compare / sweep / report on a tiny model: identical footing, resumable after a kill, report = saved results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftlab.cli import main
+from peftlab.experiment.compare import parse_methods
+from peftlab.experiment.report import tradeoff_table
+from test_cli import _error
+from test_training import write_dialogues
+
+
+def _compare_args(model, data, out, methods):
+    return ["compare", "--model", str(model), "--data", str(data), "--out", str(out), "--methods", methods,
+            "--max-steps", "6", "--batch-size", "4", "--lr", "3e-3", "--test-limit", "3", "--max-new-tokens", "8",
+            "--latency-examples", "2", "--device", "cpu"]
+
+
+def test_compare_report_matches_saved_results(tiny_llama_dir, tmp_path, capsys):
+    data = write_dialogues(tmp_path / "d.jsonl", n=30)
+    out = tmp_path / "cmp"
+    assert main(_compare_args(tiny_llama_dir, data, out, "base,fewshot:2,full,lora")) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["base", "fewshot:2", "full", "lora"]
+    # identical footing: the same test examples and the same token budget
+    assert {r["num_examples"] for r in rows} == {3}
+    assert {r["steps"] for r in rows if "steps" in r} == {6}
+    full, lora = rows[2], rows[3]
+    assert full["trainable"] == full["total"] and 0 < lora["trainable"] < full["trainable"]
+    assert lora["adapter_bytes"] < full["adapter_bytes"]
+    assert set(lora["merged"]) == {"unmerged", "merged"}
+    assert rows[1]["prompt_tokens"] > rows[0]["prompt_tokens"]  # in-context examples cost context
+    # the report's tables are the saved numbers
+    md = (out / "report.md").read_text()
+    for r in rows:
+        assert f"| {r['label']} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | {r['rougeLsum']:.4f} |" in md
+    headers, table = tradeoff_table(rows)
+    assert table[3][headers.index("trainable params")] == f"{lora['trainable']:,}"
+    page = (out / "report.html").read_text()
+    assert page.count("<table>") >= 2 and page.count("data:image/png;base64,") >= 3
+    # report rebuilds from the saved results alone
+    (out / "report.md").unlink()
+    assert main(["report", "--run-dir", str(out)]) == 0 and (out / "report.md").read_text() == md
+    capsys.readouterr()
+
+
+def test_killed_compare_resumes_without_retraining(tiny_llama_dir, tmp_path):
+    data = write_dialogues(tmp_path / "d.jsonl", n=30)
+    out = tmp_path / "cmp"
+    args = _compare_args(tiny_llama_dir, data, out, "full,lora") + ["--latency-examples", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "peftlab", *args], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "variants" / "full" / "result.json"
+    deadline = time.time() + 240
+    while not first.exists() and time.time() < deadline and child.poll() is None:
+        time.sleep(0.2)
+    assert first.exists(), "the first method never finished"
+    os.killpg(child.pid, signal.SIGKILL)  # kill the whole comparison midway
+    child.wait()
+    stamp = first.stat().st_mtime_ns
+    full_run = json.loads((out / "variants" / "full" / "run" / "run.json").read_text())
+    result = subprocess.run([sys.executable, "-m", "peftlab", *args], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "full: finished earlier, skipped" in result.stdout
+    assert first.stat().st_mtime_ns == stamp  # not retrained
+    assert json.loads((out / "variants" / "full" / "run" / "run.json").read_text()) == full_run
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["full", "lora"] and all("rouge1" in r for r in rows)
+
+
+def test_sweep_shorthand_and_plot(tiny_llama_dir, tmp_path, capsys):
+    data = write_dialogues(tmp_path / "d.jsonl", n=20)
+    out = tmp_path / "sw"
+    args = ["sweep", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out), "--method", "lora",
+            "--rank", "1,4", "--max-steps", "3", "--batch-size", "4", "--test-limit", "2", "--max-new-tokens", "4",
+            "--latency-examples", "0", "--device", "cpu"]
+    assert main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["rank=1", "rank=4"]
+    assert rows[0]["trainable"] * 4 == rows[1]["trainable"]
+    assert "Sweep: validation loss and ROUGE-1" in (out / "report.html").read_text()
+    capsys.readouterr()
+
+
+def test_compare_errors(tiny_llama_dir, tmp_path, capsys):
+    data = write_dialogues(tmp_path / "d.jsonl", n=12)
+    assert "fewshot:K" in _error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "base,lorra"), capsys)
+    assert "fewshot:3" in _error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "fewshot:x"), capsys)
+    with pytest.raises(Exception):
+        parse_methods("lora,lora")
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (apt-get install chromium)")
+def test_report_opens_in_headless_chromium(tiny_llama_dir, tmp_path, capsys):
+    data = write_dialogues(tmp_path / "d.jsonl", n=20)
+    out = tmp_path / "cmp"
+    assert main(_compare_args(tiny_llama_dir, data, out, "base,lora") + ["--latency-examples", "0"]) == 0
+    shot = tmp_path / "report.png"
+    result = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+         f"--screenshot={shot}", "--window-size=1200,2000", (out / "report.html").as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
+    assert "Uncaught" not in result.stderr  # no JavaScript / page errors
+    capsys.readouterr()
