@@ -220,8 +220,12 @@ def _sweep_shorthand(argv: list[str]) -> list[str]:
 
 def parse(argv: list[str]) -> tuple[Any, Callable]:
     args = vars(build_parser().parse_args(_sweep_shorthand(argv)))
-    cls, run = COMMANDS[args.pop("command")]
-    recipe = read_recipe(args.pop("config")) if args.get("config") else {}
+    command = args.pop("command")
+    cls, run = COMMANDS[command]
+    recipe = read_recipe(args["config"]) if args.get("config") else {}
+    named = recipe.pop("command", command)
+    if named != command:
+        raise UserError(f"{args['config']} is a recipe for 'peftlab {named}', not 'peftlab {command}'")
     args.pop("config", None)
     overrides = parse_overrides(args.pop("overrides", []))
     config = build(cls, ("the config file", recipe), ("the command line", args), ("the key=value overrides", overrides))
