@@ -131,12 +131,15 @@ def cmd_merge(config: MergeConfig) -> None:
 
 
 def _print_experiment(result) -> None:
-    from peftlab.experiment.report import markdown_table, rouge_table, tradeoff_table
+    from peftlab.experiment.report import markdown_table, rouge_table, split_failed, tradeoff_table
 
+    rows, failed = split_failed(result.rows)
     say("")
-    say(markdown_table(*rouge_table(result.rows)))
+    say(markdown_table(*rouge_table(rows)))
     say("")
-    say(markdown_table(*tradeoff_table(result.rows)))
+    say(markdown_table(*tradeoff_table(rows)))
+    for row in failed:
+        say(f"not run: {row['label']}: {row['error']}")
     if result.skipped:
         say(f"\nreused finished results of: {', '.join(result.skipped)}")
     say(f"\nreport: {result.out / 'report.md'} and {result.out / 'report.html'}")

@@ -96,14 +96,28 @@ def sweep_variants(config: SweepConfig) -> list[Variant]:
 # ----------------------------------------------------------------------------------------------
 
 
+class VariantFailed(UserError):
+    """A variant's command failed with a user error (e.g. BitFit on a model without biases)."""
+
+
 def _run(args: list[str], log: Callable[[str], None]) -> None:
-    """Run a peftlab command in a child process (so its peak memory is its own)."""
-    result = subprocess.run([sys.executable, "-m", "peftlab", *args], stdout=subprocess.PIPE, stderr=None, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if result.returncode != 0:
-        tail = (result.stdout or "").strip().splitlines()[-1:] or [""]
-        raise UserError(f"'peftlab {args[0]}' failed (exit {result.returncode}) in {args[-1]}: {tail[0]}; "
-                        "fix it and rerun the same command to continue")
+    """Run a peftlab command in a child process (so its peak memory is its own), showing its progress."""
+    child = subprocess.Popen([sys.executable, "-m", "peftlab", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail = b""
+    for chunk in iter(lambda: child.stderr.read1(4096), b""):  # progress bars pass through as they come
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-4096:]
+    for line in child.stdout.read().decode(errors="replace").splitlines():
+        if line.startswith("trainable params"):
+            log(f"  {line}")
+    code = child.wait()
+    if code != 0:
+        lines = [x for x in tail.decode(errors="replace").replace("\r", "\n").splitlines() if "error:" in x]
+        message = lines[-1].split("error:", 1)[1].strip() if lines else f"exit code {code}"
+        error = VariantFailed if code == 2 else UserError
+        raise error(f"'peftlab {args[0]}' failed: {message}")
 
 
 def _write_recipe(path: Path, options: dict) -> Path:
@@ -215,7 +229,11 @@ def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant],
             rows.append(json.loads(done.read_text()))
             continue
         log(f"[{i}/{len(variants)}] {variant.label}")
-        row = run_variant(variant, config, folder, log)
+        try:
+            row = run_variant(variant, config, folder, log)
+        except VariantFailed as e:  # not applicable to this model or data: record why, go on with the others
+            log(f"  {variant.label} not run: {e}")
+            row = {"label": variant.label, "method": variant.method, "error": str(e)}
         row["folder"] = str(folder)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=2))
@@ -233,11 +251,3 @@ def compare(config: CompareConfig, log: Callable[[str], None] = lambda _: None) 
 
 def sweep(config: SweepConfig, log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
     return run_experiment(config, sweep_variants(config), log)
-
-
-def relative_quality(rows: list[dict], key: str = "rouge1") -> dict[str, float | None]:
-    """Each variant's metric as a fraction of full fine-tuning's (None without a full run)."""
-    full = next((r for r in rows if r["method"] == "full"), None)
-    return {r["label"]: (r[key] / full[key] if full and full[key] else None) for r in rows}
-
-

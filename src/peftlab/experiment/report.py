@@ -43,6 +43,11 @@ def load_results(run_dir: str | Path) -> tuple[str, list[dict]]:
     return data["kind"], data["rows"]
 
 
+def split_failed(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(variants with results, variants that could not run: their ``error`` says why)."""
+    return [r for r in rows if "error" not in r], [r for r in rows if "error" in r]
+
+
 def rouge_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["model", *ROUGE, "bleu"], [[r["label"], *(_fmt(r[k]) for k in ROUGE), _fmt(r["bleu"])] for r in rows]
 
@@ -179,6 +184,7 @@ def examples(rows: list[dict], n: int = 3) -> list[dict]:
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     kind, rows = load_results(run_dir)
+    rows, failed = split_failed(rows)
     if not rows:
         raise UserError(f"{run_dir}/results.json holds no finished variant yet")
     rouge_h, rouge_rows = rouge_table(rows)
@@ -189,6 +195,8 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# {title}", "", "## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
           "## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
           markdown_table(trade_h, trade_rows), ""]
+    if failed:
+        md += ["## Not run", ""] + [f"- {r['label']}: {r['error']}" for r in failed] + [""]
     if samples:
         md += ["## Example predictions", ""]
         for i, s in enumerate(samples, 1):
@@ -205,6 +213,8 @@ def write_report(run_dir: str | Path) -> Path:
 
     parts = [f"<h1>{title}</h1>", "<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
              "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows)]
+    if failed:
+        parts += ["<h2>Not run</h2>", html_table(["method", "why"], [[r["label"], r["error"]] for r in failed])]
     for name, data in figures.items():
         parts += [f"<h2>{html.escape(name)}</h2>", f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">']
     if samples:

@@ -1,0 +1,412 @@
+"""Catastrophic forgetting: what a fine-tuned model lost on held-out tasks, next to its base model.
+
+    report = forgetting_report("smollm2-135m-instruct", tuned="runs/sum/final", suite="demo")
+    report = forgetting_report("smollm2-135m-instruct", adapter="runs/lora/final", suite="suite.yaml")
+    report.table(), report.flagged, report.to_dict()
+
+Both models answer the same examples of every task of a *suite*; each row gives the task's metric
+before (base model) and after (tuned model: a full fine-tuning folder, or the base model with a
+PEFT adapter), the change ``delta = after - before``, and a flag when the drop is beyond the
+threshold (``delta < -threshold``, in metric units: 0.05 is five ROUGE or accuracy points).
+
+A suite is ``demo`` (the built-in suite over the embedded demo tasks, :data:`DEMO_SUITE`), a list
+of :class:`SuiteItem`, or a YAML file::
+
+    threshold: 0.05              # optional; the caller's threshold wins
+    suite:
+      - name: reviews            # the row's name
+        data: demo:reviews       # any data source (a .jsonl file, hf:NAME@SPLIT ...)
+        template: review_rating  # a built-in template or a YAML file (default: detected)
+        split: test              # train, validation, test or all
+        metric: accuracy         # default: the template's metric
+        limit: 40                # examples scored (default: the whole split)
+        # also: split_fractions ("0.8,0.1,0.1"), split_seed (0), max_new_tokens (64)
+
+Metrics (all in [0, 1]):
+
+- ``accuracy``: multiple choice. For every answer choice c of the template (``answer_choices``)
+  the model's log-likelihood ``log p(c | prompt) = sum_t log p(c_t | prompt, c_<t)``, with the
+  prompt formatted and tokenised exactly as in training and the choice's tokens appended (no
+  EOS: the choice's own tokens decide); the prediction is the arg max, scored against the
+  rendered target. No generation, so free-text habits of a model cannot hide what it knows.
+- ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum`` (``rouge`` means rougeL) and ``bleu``: greedy
+  generation scored with :func:`peftlab.eval.score.score`, exactly as ``peftlab eval`` does.
+- ``exact_match``: the generated text equals the target after collapsing whitespace.
+- ``squad_exact_match``: equal after SQuAD's normalisation (lower case; punctuation, articles and
+  extra spaces removed).
+
+Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forward pass per
+(prompt, choice) pair, logits computed only at the choice's positions).
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import yaml
+
+from peftlab.data.encode import format_prompt, uses_chat_template
+from peftlab.data.pipeline import Example, prepare
+from peftlab.data.splits import SPLITS
+from peftlab.data.templates import TaskTemplates
+from peftlab.errors import UserError
+from peftlab.eval.evaluate import load_for_inference
+from peftlab.eval.generate import generate
+from peftlab.eval.score import score
+from peftlab.progress import ProgressFactory, silent
+from peftlab.training.loss import _plain_linear_head  # the same test completion_loss uses
+
+ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+METRICS = ("accuracy", *ROUGE_METRICS, "rouge", "bleu", "exact_match", "squad_exact_match")
+DEFAULT_THRESHOLD = 0.05
+
+
+@dataclass
+class SuiteItem:
+    """One task of a forgetting suite."""
+
+    name: str
+    data: str
+    template: str | None = None
+    split: str = "test"
+    metric: str | None = None
+    """Default: the template's metric (``rouge`` -> rougeL)."""
+    limit: int | None = None
+    split_fractions: str = "0.8,0.1,0.1"
+    split_seed: int = 0
+    max_new_tokens: int = 64
+
+
+#: The built-in suite ``demo``: every embedded demo task, small enough for a CPU.
+DEMO_SUITE = [
+    SuiteItem("dialogsum", "demo:dialogsum", "dialogsum", metric="rougeL", limit=16, max_new_tokens=64),
+    SuiteItem("review_rating", "demo:reviews", "review_rating", metric="accuracy", limit=40),
+    SuiteItem("sentiment", "demo:reviews", "sentiment", metric="accuracy", limit=40),
+    SuiteItem("python", "demo:python", "python", metric="exact_match", limit=24, max_new_tokens=32),
+    SuiteItem("qa", "demo:qa", "qa", metric="squad_exact_match", limit=24, max_new_tokens=16),
+]
+BUILTIN_SUITES = {"demo": DEMO_SUITE}
+
+
+@dataclass
+class TaskScore:
+    name: str
+    metric: str
+    value: float
+    num_examples: int
+    predictions: list[str] = field(default_factory=list)
+    """Generated texts, or the chosen answer choice of each example."""
+
+
+@dataclass
+class ForgettingRow:
+    task: str
+    metric: str
+    before: float
+    after: float
+    delta: float
+    """``after - before``."""
+    flagged: bool
+    """``delta < -threshold``: the tuned model lost more than the threshold on this task."""
+    num_examples: int
+
+
+@dataclass
+class ForgettingReport:
+    rows: list[ForgettingRow]
+    threshold: float
+    base: str = ""
+    tuned: str = ""
+
+    @property
+    def flagged(self) -> list[ForgettingRow]:
+        return [row for row in self.rows if row.flagged]
+
+    def to_dict(self) -> dict:
+        return {"base": self.base, "tuned": self.tuned, "threshold": self.threshold,
+                "rows": [asdict(row) for row in self.rows], "flagged": [row.task for row in self.flagged]}  # fmt: skip
+
+    def table(self) -> str:
+        """A Markdown table, one row per task."""
+        lines = ["| task | metric | n | before | after | delta | |", "|---|---|---:|---:|---:|---:|---|"]
+        for r in self.rows:
+            flag = f"drop > {self.threshold:g}" if r.flagged else ""
+            lines.append(f"| {r.task} | {r.metric} | {r.num_examples} | {r.before:.4f} | {r.after:.4f} | {r.delta:+.4f} | {flag} |")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ suites
+
+
+def load_suite(suite: str | Path | Sequence[SuiteItem]) -> tuple[list[SuiteItem], float | None]:
+    """``(items, threshold from the file or None)`` of a built-in suite name, a YAML file or a list of items."""
+    if not isinstance(suite, (str, Path)):
+        items, threshold = list(suite), None
+    elif str(suite) in BUILTIN_SUITES:
+        items, threshold = [SuiteItem(**asdict(item)) for item in BUILTIN_SUITES[str(suite)]], None
+    else:
+        items, threshold = _read_suite_file(Path(suite).expanduser())
+    if not items:
+        raise UserError(f"the suite {suite} holds no tasks; list them under 'suite:'")
+    names = [item.name for item in items]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"suite task name(s) {', '.join(repeated)} appear more than once; give each task its own name")
+    for item in items:
+        if item.split not in (*SPLITS, "all"):
+            raise UserError(f"suite task '{item.name}': split must be one of {', '.join(SPLITS)}, all; got {item.split!r}")
+        if item.metric is not None and item.metric not in METRICS:
+            raise UserError(f"suite task '{item.name}': unknown metric {item.metric!r}; choose one of {', '.join(METRICS)}")
+        if item.limit is not None and item.limit < 1:
+            raise UserError(f"suite task '{item.name}': limit must be >= 1, got {item.limit}")
+    return items, threshold
+
+
+def _read_suite_file(path: Path) -> tuple[list[SuiteItem], float | None]:
+    if not path.is_file():
+        raise UserError(f"suite not found: {path}; give a YAML file or a built-in suite ({', '.join(BUILTIN_SUITES)})")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise UserError(f"{path}: not valid YAML{f' at line {mark.line + 1}' if mark else ''}") from None
+    if isinstance(data, list):
+        data = {"suite": data}
+    if not isinstance(data, dict) or not isinstance(data.get("suite"), list):
+        raise UserError(f"{path}: expected a mapping with a 'suite:' list of tasks (name, data, template, split, metric, limit)")
+    unknown = [k for k in data if k not in ("suite", "threshold")]
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(map(str, unknown))}; allowed: suite, threshold")
+    allowed = [f.name for f in fields(SuiteItem)]
+    items = []
+    for i, raw in enumerate(data["suite"]):
+        if not isinstance(raw, dict) or "name" not in raw or "data" not in raw:
+            raise UserError(f"{path}: suite[{i}] needs at least 'name' and 'data'")
+        bad = [k for k in raw if k not in allowed]
+        if bad:
+            raise UserError(f"{path}: suite[{i}] has unknown key(s) {', '.join(map(str, bad))}; allowed: {', '.join(allowed)}")
+        items.append(SuiteItem(**{k: (str(v) if k in ("name", "data") else v) for k, v in raw.items()}))
+    threshold = data.get("threshold")
+    if threshold is not None and not isinstance(threshold, (int, float)):
+        raise UserError(f"{path}: threshold must be a number (metric points, e.g. 0.05), got {threshold!r}")
+    return items, threshold
+
+
+@dataclass
+class PreparedItem:
+    item: SuiteItem
+    task: TaskTemplates
+    metric: str
+    examples: list[Example]
+
+
+def prepare_suite(items: Sequence[SuiteItem]) -> list[PreparedItem]:
+    """Load, template and split each task's data and pick its examples (the same for both models)."""
+    prepared = []
+    for item in items:
+        data = prepare(item.data, item.template, item.split_fractions, item.split_seed)
+        if item.split == "all":
+            examples = sorted((ex for rows in data.splits.values() for ex in rows), key=lambda ex: ex.index)
+        else:
+            examples = data.splits[item.split]
+        examples = examples[: item.limit]
+        if not examples:
+            raise UserError(f"suite task '{item.name}': the {item.split} split of {item.data} is empty; change split or split_fractions")
+        metric = item.metric or ("accuracy" if data.task.task_type == "classification" and data.task.answer_choices
+                                 else data.task.metric)  # fmt: skip
+        metric = "rougeL" if metric == "rouge" else metric
+        if metric not in METRICS:
+            raise UserError(f"suite task '{item.name}': template metric {metric!r} is not one peftlab computes; "
+                            f"set metric: to one of {', '.join(METRICS)}")  # fmt: skip
+        if metric == "accuracy":
+            choices = data.task.answer_choices
+            if not choices:
+                raise UserError(f"suite task '{item.name}': accuracy needs a template with answer_choices, "
+                                f"and '{data.task.task}' has none; choose a generation metric")  # fmt: skip
+            outside = sorted({ex.completion for ex in examples} - set(choices))
+            if outside:
+                raise UserError(f"suite task '{item.name}': target {outside[0]!r} is not one of the answer choices "
+                                f"({', '.join(choices)}); fix the data or the template")  # fmt: skip
+        prepared.append(PreparedItem(item, data.task, metric, examples))
+    return prepared
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+
+@torch.inference_mode()
+def choice_loglikelihoods(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    choices: Sequence[str],
+    is_seq2seq: bool,
+    *,
+    chat: bool = False,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> list[list[float]]:
+    """``out[i][j] = log p(choices[j] | prompts[i])``, summed over the choice's tokens.
+
+    The prompt is formatted and tokenised as in training (:func:`peftlab.data.encode.encode_example`):
+    decoder-only models see ``prompt ids + choice ids`` (the prompt cut from the left to fit
+    ``max_length``); encoder-decoder models get the prompt as encoder input and score the choice
+    as decoder labels.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
+    if any(not ids for ids in choice_ids):
+        raise UserError("an answer choice is empty (no tokens); give every choice some text")
+    if is_seq2seq:
+        contexts = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in prompts]
+    else:
+        # as encode_example: a chat-formatted prompt holds its special tokens, a plain one gets the tokenizer's
+        contexts = [tokenizer(format_prompt(tokenizer, p, chat, False), add_special_tokens=not chat)["input_ids"]
+                    for p in prompts]  # fmt: skip
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(choices))]
+    out = [[0.0] * len(choices) for _ in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        if is_seq2seq:
+            scores = _seq2seq_scores(model, [contexts[i] for i, _ in chunk], [choice_ids[j] for _, j in chunk], pad, device)
+        else:
+            scores = _causal_scores(model, [contexts[i] for i, _ in chunk], [choice_ids[j] for _, j in chunk], pad, device, max_length)
+        for (i, j), value in zip(chunk, scores):
+            out[i][j] = value
+    return out
+
+
+def _causal_scores(model, contexts, continuations, pad, device, max_length) -> list[float]:
+    rows, starts = [], []
+    for ctx, cont in zip(contexts, continuations):
+        seq = (ctx + cont)[-max_length:]
+        rows.append(seq)
+        starts.append(len(seq) - len(cont))  # position of the first choice token
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (B, T)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)  # (B, T)
+    # position t predicts token t+1: the choice tokens rows[b][s:] are predicted at s-1 .. len-2
+    batch_index = torch.tensor([b for b, r in enumerate(rows) for _ in range(starts[b], len(r))], device=device)  # (N,)
+    positions = torch.tensor([t - 1 for b, r in enumerate(rows) for t in range(starts[b], len(r))], device=device)  # (N,)
+    targets = ids[batch_index, positions + 1]  # (N,)
+    if _plain_linear_head(model):  # the output head only where a choice token is predicted
+        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+        logits = model.get_output_embeddings()(hidden[batch_index, positions])  # (N, V)
+    else:
+        logits = model(input_ids=ids, attention_mask=mask).logits[batch_index, positions]  # (N, V)
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]  # (N,)
+    sums = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add_(0, batch_index, token_logp)
+    return sums.tolist()
+
+
+def _seq2seq_scores(model, contexts, continuations, pad, device) -> list[float]:
+    width = max(len(c) for c in contexts)
+    ids = torch.tensor([c + [pad] * (width - len(c)) for c in contexts], device=device)  # (B, S)
+    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in contexts], device=device)  # (B, S)
+    target_width = max(len(c) for c in continuations)
+    labels = torch.tensor([c + [-100] * (target_width - len(c)) for c in continuations], device=device)  # (B, T)
+    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits  # (B, T, V)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    keep = labels != -100  # (B, T)
+    token_logp = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * keep  # (B, T)
+    return token_logp.sum(dim=1).tolist()
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def squad_normalize(text: str) -> str:
+    """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 8, max_length: int = 512,
+               progress: ProgressFactory = silent) -> TaskScore:
+    """One suite task's metric for one model (``loaded``: anything with ``model``, ``tokenizer``, ``is_seq2seq``)."""
+    examples, metric = prepared.examples, prepared.metric
+    prompts, references = [ex.prompt for ex in examples], [ex.completion for ex in examples]
+    model, tokenizer, is_seq2seq = loaded.model, loaded.tokenizer, loaded.is_seq2seq
+    if metric == "accuracy":
+        choices = prepared.task.answer_choices
+        logliks = choice_loglikelihoods(model, tokenizer, prompts, choices, is_seq2seq, chat=chat,
+                                        batch_size=batch_size, max_length=max_length)  # fmt: skip
+        predictions = [choices[max(range(len(choices)), key=row.__getitem__)] for row in logliks]
+        value = sum(p == r for p, r in zip(predictions, references)) / len(examples)
+        return TaskScore(prepared.item.name, metric, value, len(examples), predictions)
+    predictions = generate(model, tokenizer, prompts, is_seq2seq=is_seq2seq, chat=chat,
+                           max_new_tokens=prepared.item.max_new_tokens, max_length=max_length,
+                           batch_size=batch_size, progress=progress).texts  # fmt: skip
+    if metric in ROUGE_METRICS or metric == "bleu":
+        value = score(predictions, references).aggregate[metric]
+    elif metric == "exact_match":
+        value = sum(_collapse(p) == _collapse(r) for p, r in zip(predictions, references)) / len(examples)
+    else:  # squad_exact_match
+        value = sum(squad_normalize(p) == squad_normalize(r) for p, r in zip(predictions, references)) / len(examples)
+    return TaskScore(prepared.item.name, metric, float(value), len(examples), predictions)
+
+
+def evaluate_suite(loaded, prepared: Sequence[PreparedItem], *, chat_template: str = "auto", batch_size: int = 8,
+                   max_length: int = 512, progress: ProgressFactory = silent) -> dict[str, TaskScore]:
+    """Every suite task's score for one model, by task name."""
+    chat = uses_chat_template(loaded.tokenizer, chat_template)
+    return {p.item.name: score_item(loaded, p, chat=chat, batch_size=batch_size, max_length=max_length, progress=progress)
+            for p in prepared}  # fmt: skip
+
+
+def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], threshold: float = DEFAULT_THRESHOLD,
+                   base: str = "", tuned: str = "") -> ForgettingReport:
+    """Per-task before / after / delta rows, flagged where ``delta < -threshold``."""
+    if threshold < 0:
+        raise UserError(f"the forgetting threshold must be >= 0 (metric points, e.g. 0.05), got {threshold}")
+    if set(before) != set(after):
+        raise ValueError(f"before and after cover different tasks: {sorted(before)} vs {sorted(after)}")
+    rows = []
+    for name, b in before.items():
+        a = after[name]
+        delta = a.value - b.value
+        rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples))
+    return ForgettingReport(rows, threshold, base, tuned)
+
+
+def forgetting_report(
+    base: str,
+    tuned: str | None = None,
+    adapter: str | None = None,
+    suite: str | Path | Sequence[SuiteItem] = "demo",
+    threshold: float | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "auto",
+    chat_template: str = "auto",
+    batch_size: int = 8,
+    max_length: int = 512,
+    trust_pickle: bool = False,
+    progress: ProgressFactory = silent,
+    log: Callable[[str], None] = lambda _: None,
+) -> ForgettingReport:
+    """Evaluate ``base``, then the tuned model (``tuned``: a fine-tuned model folder, or ``adapter`` on
+    ``base``), on every task of ``suite``, one model in memory at a time; see the module docstring."""
+    if (tuned is None) == (adapter is None):
+        raise UserError("give the tuned model as exactly one of a fine-tuned model folder (--tuned) or an adapter folder (--adapter)")
+    items, file_threshold = load_suite(suite)
+    threshold = threshold if threshold is not None else file_threshold if file_threshold is not None else DEFAULT_THRESHOLD
+    prepared = prepare_suite(items)  # data errors before any model loads
+    options = dict(chat_template=chat_template, batch_size=batch_size, max_length=max_length, progress=progress)
+    scores = {}
+    for label, model_name, adapter_dir in (("before", base, None), ("after", tuned or base, adapter)):
+        log(f"evaluating {label}: {model_name}{f' + adapter {adapter_dir}' if adapter_dir else ''}")
+        loaded = load_for_inference(model_name, adapter_dir, dtype, device, trust_pickle, progress)
+        scores[label] = evaluate_suite(loaded, prepared, **options)
+        del loaded  # one model in memory at a time
+    return compare_scores(scores["before"], scores["after"], threshold, base=base,
+                          tuned=tuned if tuned is not None else f"{base} + {adapter}")  # fmt: skip
