@@ -10,7 +10,8 @@ A *source* is one string, as given to ``--data``:
 ``some/folder``                a ``datasets.save_to_disk`` folder (of a DatasetDict: its
                                ``train`` split, or its only split), or a folder holding
                                exactly one of the files above
-``demo:dialogsum``             data this project generates itself (:mod:`peftlab.data.demo`)
+``demo:dialogsum``             data this project generates itself (:mod:`peftlab.data.demo`);
+                               also ``demo:reviews``, ``demo:python``, ``demo:qa``
 ``hf:NAME[:CONFIG][@SPLIT]``   a Hugging Face hub data set, via ``datasets.load_dataset``
                                (split ``train`` unless given), e.g. ``hf:knkarthick/dialogsum@test``
 =============================  ==============================================================
@@ -29,7 +30,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from peftlab.data.demo import dialogsum_demo
+from peftlab.data.demo import dialogsum_demo, python_demo, qa_demo, reviews_demo
 from peftlab.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -37,6 +38,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 #: ``demo:<name>`` sources: name -> a function returning the records (add new demo tasks here).
 DEMO_SOURCES: dict[str, Callable[[], list[dict]]] = {
     "dialogsum": dialogsum_demo,
+    "reviews": reviews_demo,
+    "python": python_demo,
+    "qa": qa_demo,
 }
 
 _HOW = "give a .jsonl, .json, .csv or .parquet file, a datasets.save_to_disk folder, demo:NAME or hf:NAME"

@@ -21,12 +21,19 @@ every phrasing is used about equally often (as in FLAN's instruction-tuning mixt
 Rendering is strict and sandboxed: a field the template uses but the record lacks (or holds as
 ``null``) is an error, not an empty string, and template code cannot reach Python internals.
 Optional fields are written ``{% if input is defined and input %}...{% endif %}``.
+
+Built-in tasks: ``dialogsum`` and ``samsum`` (dialogue summarisation), ``review_rating`` and
+``sentiment`` (classification, with ``answer_choices``), ``qa`` (extractive question answering),
+``python`` (description -> code) and ``translation``, plus ``instruction`` (Alpaca) and
+``prompt_completion``. Users add their own YAML files. :func:`list_templates`, :func:`template_source`
+and :func:`render_all` back ``peftlab templates list | show | render``.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -37,6 +44,7 @@ import jinja2
 import yaml
 from jinja2.sandbox import SandboxedEnvironment
 
+from peftlab.data.sources import load_records
 from peftlab.errors import UserError
 
 
@@ -251,3 +259,107 @@ def _fields(record: dict) -> str:
 
 def _needs(builtins: dict[str, TaskTemplates]) -> str:
     return "; ".join(f"{name} ({', '.join(t.fields)})" for name, t in builtins.items())
+
+
+# ------------------------------------------------------------------ browsing (peftlab templates ...)
+# `peftlab templates list [PATH ...]`, `show NAME|FILE`, `render NAME|FILE (--record JSON | --data
+# SOURCE [--index N]) [--name TEMPLATE]` are thin wrappers over the functions below.
+
+
+@dataclass
+class Rendered:
+    """One phrasing applied to one record."""
+
+    template: str
+    input: str
+    target: str
+
+
+def load_task(name_or_file: str) -> TaskTemplates:
+    """A built-in task by name, or a task YAML file (no record to check the fields against)."""
+    return resolve_templates(name_or_file, [])
+
+
+def list_templates(*paths: str | Path) -> list[TaskTemplates]:
+    """The built-in tasks, then those of ``paths`` (YAML files, or folders: their ``*.yaml``/``*.yml``)."""
+    tasks = list(builtin_templates().values())
+    for path in map(lambda p: Path(p).expanduser(), paths):
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".yaml", ".yml") and p.is_file())
+            if not files:
+                raise UserError(f"folder {path} holds no .yaml template files; give a folder of task YAML files")
+            tasks += [load_templates(p) for p in files]
+        else:
+            tasks.append(load_templates(path))
+    return tasks
+
+
+def describe(task: TaskTemplates) -> dict:
+    """One row of ``peftlab templates list``."""
+    return {
+        "task": task.task,
+        "fields": list(task.fields),
+        "templates": len(task.templates),
+        "metric": task.metric,
+        "task_type": task.task_type,
+        "answer_choices": list(task.answer_choices) if task.answer_choices is not None else None,
+        "description": task.description,
+    }
+
+
+def template_source(name_or_file: str) -> tuple[str, str]:
+    """``(where, YAML text)`` of a built-in task or a task file, for ``peftlab templates show``."""
+    if name_or_file in builtin_templates():
+        folder = resources.files("peftlab.data") / "templates"
+        for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".yaml"):
+                text = entry.read_text(encoding="utf-8")
+                if _parse(text, entry.name).task == name_or_file:
+                    return f"built-in {entry.name}", text
+    load_task(name_or_file)  # validates the file, or raises a UserError naming the built-ins
+    path = Path(name_or_file).expanduser()
+    return str(path), path.read_text(encoding="utf-8")
+
+
+def find_template(task: TaskTemplates, name: str) -> Template:
+    """The phrasing called ``name``; a UserError lists the task's phrasings."""
+    for template in task.templates:
+        if template.name == name:
+            return template
+    names = [t.name for t in task.templates]
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(f"task '{task.task}' has no template '{name}'{hint}; its templates: {', '.join(names)}")
+
+
+def render_template(task: TaskTemplates, template: Template | str, record: dict) -> tuple[str, str]:
+    """``(input, target)`` of ``record`` with one fixed phrasing of ``task`` (which sees ``answer_choices``)."""
+    if isinstance(template, str):
+        template = find_template(task, template)
+    return _render(template, record, task, "the record")
+
+
+def render_all(task: TaskTemplates, record: dict, template: str | None = None) -> list[Rendered]:
+    """``record`` through every phrasing of ``task`` (or only the one named ``template``)."""
+    chosen = [find_template(task, template)] if template is not None else task.templates
+    return [Rendered(t.name, *render_template(task, t, record)) for t in chosen]
+
+
+def example_record(record: str | dict | None = None, data: str | None = None, index: int = 0) -> dict:
+    """The record to render: ``record`` as a JSON object (text or dict), or record ``index`` of ``data``
+    (any source :func:`peftlab.data.sources.load_records` reads; 0 is the first)."""
+    if (record is None) == (data is None):
+        raise UserError("give exactly one of a record (a JSON object) or a data source with an index")
+    if data is not None:
+        records = load_records(data)
+        if not -len(records) <= index < len(records):
+            raise UserError(f"{data} holds {len(records)} records, so there is no record {index}; give --index 0..{len(records) - 1}")
+        return records[index]
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as e:
+            raise UserError(f"the record is not valid JSON ({e.msg} at column {e.colno}); give an object like '{{\"text\": \"...\"}}'") from None
+    if not isinstance(record, dict):
+        raise UserError(f"the record must be a JSON object like {{\"text\": \"...\"}}, not a {type(record).__name__}")
+    return record

@@ -164,6 +164,8 @@ def load_suite(suite: str | Path | Sequence[SuiteItem]) -> tuple[list[SuiteItem]
             raise UserError(f"suite task '{item.name}': unknown metric {item.metric!r}; choose one of {', '.join(METRICS)}")
         if item.limit is not None and item.limit < 1:
             raise UserError(f"suite task '{item.name}': limit must be >= 1, got {item.limit}")
+        if item.max_new_tokens < 1:
+            raise UserError(f"suite task '{item.name}': max_new_tokens must be >= 1, got {item.max_new_tokens}")
     return items, threshold
 
 
@@ -190,6 +192,10 @@ def _read_suite_file(path: Path) -> tuple[list[SuiteItem], float | None]:
         bad = [k for k in raw if k not in allowed]
         if bad:
             raise UserError(f"{path}: suite[{i}] has unknown key(s) {', '.join(map(str, bad))}; allowed: {', '.join(allowed)}")
+        for key, value in raw.items():
+            wanted = int if key in ("limit", "split_seed", "max_new_tokens") else str
+            if value is not None and key not in ("name", "data") and (not isinstance(value, wanted) or isinstance(value, bool)):
+                raise UserError(f"{path}: suite[{i}] {key} must be {'an integer' if wanted is int else 'a string'}, got {value!r}")
         items.append(SuiteItem(**{k: (str(v) if k in ("name", "data") else v) for k, v in raw.items()}))
     threshold = data.get("threshold")
     if threshold is not None and not isinstance(threshold, (int, float)):
