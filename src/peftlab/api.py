@@ -16,11 +16,13 @@ from peftlab.config import (
     CompareConfig,
     DemoConfig,
     EvalConfig,
+    ForgettingConfig,
     GenerateConfig,
     MergeConfig,
     ReportConfig,
     ScoreConfig,
     SweepConfig,
+    TemplatesConfig,
     TrainConfig,
 )
 from peftlab.data.encode import uses_chat_template
@@ -116,6 +118,37 @@ def report(config: ReportConfig | None = None, **options) -> Path:
     from peftlab.experiment.report import write_report
 
     return write_report(_config(ReportConfig, config, options).run_dir)
+
+
+def templates(config: TemplatesConfig | None = None, **options):
+    """The template library (``peftlab templates``): list -> rows, show -> (where, YAML), render -> rendered examples."""
+    from peftlab.data import templates as t
+
+    config = _config(TemplatesConfig, config, options)
+    if config.action == "list":
+        return [t.describe(task) for task in t.list_templates()]
+    if config.action == "show":
+        return t.template_source(config.name)
+    record = t.example_record(config.record, config.data, config.index)
+    return t.render_all(t.load_task(config.name), record, config.template)
+
+
+def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFactory = silent, log: Log = lambda _: None, **options):
+    """Evaluate a held-out suite before and after tuning (``peftlab forgetting``); writes forgetting.json/.md."""
+    from peftlab.experiment.forgetting import forgetting_report
+
+    config = _config(ForgettingConfig, config, options)
+    out = Path(config.out)
+    if (out / "forgetting.json").exists() and not config.overwrite:
+        raise UserError(f"{out} already holds forgetting.json; pass --overwrite or choose another --out")
+    report = forgetting_report(config.model, tuned=config.tuned, adapter=config.adapter, suite=config.suite,
+                               threshold=config.threshold, dtype=config.dtype, device=config.device,
+                               chat_template=config.chat_template, batch_size=config.batch_size,
+                               max_length=config.max_length, trust_pickle=config.trust_pickle, progress=progress, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    _evaluate.write_atomic(out / "forgetting.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    _evaluate.write_atomic(out / "forgetting.md", report.table() + "\n")
+    return report
 
 
 @dataclass

@@ -26,8 +26,10 @@ from peftlab.config import (
     DemoConfig,
     EvalConfig,
     CompareConfig,
+    ForgettingConfig,
     GenerateConfig,
     MergeConfig,
+    TemplatesConfig,
     ReportConfig,
     ScoreConfig,
     SweepConfig,
@@ -158,6 +160,28 @@ def cmd_report(config: ReportConfig) -> None:
     say(f"report: {path} and {path.with_suffix('.html')}")
 
 
+def cmd_templates(config: TemplatesConfig) -> None:
+    result = api.templates(config)
+    if config.action == "list":
+        say(table(["task", "fields", "templates", "metric", "task type", "answer choices"],
+                  [[d["task"], ", ".join(d["fields"]), d["templates"], d["metric"], d["task_type"],
+                    ", ".join(d["answer_choices"] or [])] for d in result]))
+    elif config.action == "show":
+        where, text = result
+        say(f"# {where}\n{text}")
+    else:
+        for rendered in result:
+            say(f"--- template: {rendered.template}\n[input]\n{rendered.input}\n[target]\n{rendered.target}")
+
+
+def cmd_forgetting(config: ForgettingConfig) -> None:
+    report = api.forgetting(config, progress=progress, log=say)
+    say(report.table())
+    say(f"{len(report.flagged)} of {len(report.rows)} tasks dropped by more than {report.threshold:g}"
+        + (f": {', '.join(r.task for r in report.flagged)}" if report.flagged else ""))
+    say(f"results: {Path(config.out) / 'forgetting.json'}")
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "demo": (DemoConfig, cmd_demo),
     "train": (TrainConfig, cmd_train),
@@ -168,6 +192,8 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "compare": (CompareConfig, cmd_compare),
     "sweep": (SweepConfig, cmd_sweep),
     "report": (ReportConfig, cmd_report),
+    "templates": (TemplatesConfig, cmd_templates),
+    "forgetting": (ForgettingConfig, cmd_forgetting),
 }
 
 
@@ -189,6 +215,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         choices = f.metadata.get("choices")
         if hints[f.name] is bool:
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if "list" in str(hints[f.name]):
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="append", default=argparse.SUPPRESS,
+                                metavar=f.name.upper(), help=help_text + " (repeatable)")
+            continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs=None if f.default is dataclasses.MISSING else "?", default=argparse.SUPPRESS,
+                                choices=choices, help=help_text)
             continue
         required = f.default is dataclasses.MISSING
         suffix = " (required)" if required else f" (default: {f.default})"

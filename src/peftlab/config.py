@@ -24,9 +24,13 @@ import yaml
 from peftlab.errors import UserError
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, **kw: Any) -> Any:
-    """A dataclass field with its help text (and allowed values) for the CLI and recipes."""
-    metadata = {"help": help, "choices": choices}
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, positional: bool = False,
+           **kw: Any) -> Any:
+    """A dataclass field with its help text (and allowed values) for the CLI and recipes.
+
+    ``positional`` fields are command-line arguments without a flag (``peftlab templates show NAME``).
+    """
+    metadata = {"help": help, "choices": choices, "positional": positional}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
     return field(default=default, metadata=metadata, **kw)
@@ -74,8 +78,16 @@ class TrainConfig:
     """``peftlab train``: fine-tune a model on instruction data (loss on completion tokens only)."""
 
     model: str = option(REQUIRED, "Base model: a local HF folder, a hub id, a .gguf file or an alias (smollm2-135m-instruct).")
-    data: str = option(REQUIRED, "Training data: .jsonl/.json/.csv/.parquet file, a datasets folder, hf:NAME[:CONFIG][@SPLIT] or demo:dialogsum.")
-    out: str = option(REQUIRED, "Run folder to create (config, metrics.jsonl, checkpoints/, final/).")
+    data: str | None = option(None, "Training data: .jsonl/.json/.csv/.parquet file, a datasets folder, hf:NAME[:CONFIG][@SPLIT] or "
+                                     "demo:dialogsum (or give --task for a multi-task mixture).")
+    out: str = option(REQUIRED, "Run folder to create (config, metrics.jsonl, checkpoints/, final/).", kw_only=True)
+    task: list[str] | None = option(None, "Multi-task instruction tuning: NAME[:TEMPLATE]=SOURCE, repeat --task for each task "
+                                          "(e.g. --task sum=demo:dialogsum --task rating=demo:reviews).")
+    mix: str = option("proportional", "How --task mixtures sample: proportional to size (with --mix-cap, FLAN), temperature, or equal.",
+                      choices=("proportional", "temperature", "equal"))
+    mix_cap: int | None = option(None, "Examples-proportional mixing counts at most this many examples of a task.")
+    mix_temperature: float = option(1.0, "Temperature T of temperature mixing: rate ~ size^(1/T).")
+    mix_size: int | None = option(None, "Training examples drawn from the mixture (default: one capped pass over all tasks).")
     method: str = option("full", "Fine-tuning method: full (every weight), lora, dora (weight-decomposed LoRA).",
                          choices=METHOD_NAMES)
     template: str | None = option(None, "Prompt template: a built-in name or a YAML file. Default: detected from the data's fields.")
@@ -112,9 +124,23 @@ class TrainConfig:
                                        "or re:REGEX. Default: the architecture's (T5: q,v; Llama-style: q_proj,v_proj).")
     exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
     layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
+    # --- regularisation against forgetting (full fine-tuning)
+    regularize: str | None = option(None, "Penalise moving away from the pre-trained weights: l2sp, or ewc (Fisher-weighted).",
+                                    choices=("l2sp", "ewc"))
+    reg_lambda: float = option(0.01, "Strength lambda of the --regularize penalty.")
+    ewc_data: str | None = option(None, "EWC: data of the tasks to keep, to estimate the diagonal Fisher information.")
+    ewc_template: str | None = option(None, "EWC: template of --ewc-data (default: detected).")
+    ewc_examples: int = option(128, "EWC: examples used to estimate the Fisher information.")
 
     def __post_init__(self) -> None:
         validate_choices(self)
+        if (self.data is None) == (not self.task):
+            raise UserError("give the training data with --data PATH, or a multi-task mixture with --task NAME=PATH (repeated), not both")
+        if self.regularize and self.method != "full":
+            raise UserError(f"--regularize applies to full fine-tuning; --method {self.method} already keeps the base weights frozen")
+        if self.regularize == "ewc" and not self.ewc_data:
+            raise UserError("--regularize ewc needs --ewc-data: data of the tasks whose performance to keep")
+        _positive(self, "reg_lambda", "ewc_examples", "mix_cap", "mix_size", "mix_temperature")
         _positive(self, "batch_size", "grad_accum", "max_steps", "epochs", "max_length", "max_target_length", "limit", "eval_limit")
         _positive(self, "eval_every", "save_every", "weight_decay", allow_zero=True)
         _positive(self, "log_every", "lr", "max_grad_norm")
@@ -267,6 +293,48 @@ class ReportConfig:
 
 
 @dataclass
+class TemplatesConfig:
+    """``peftlab templates list|show|render``: the prompt template library, and a rendered example before training."""
+
+    action: str = option(REQUIRED, "list (built-in tasks), show NAME (its YAML), render NAME (an example through each template).",
+                         choices=("list", "show", "render"), positional=True)
+    name: str | None = option(None, "A built-in task name or a template YAML file (show, render).", positional=True)
+    record: str | None = option(None, "render: the example record as JSON, e.g. '{\"dialogue\": \"...\", \"summary\": \"...\"}'.")
+    data: str | None = option(None, "render: take the record from this data source instead.")
+    index: int = option(0, "render: which record of --data.")
+    template: str | None = option(None, "render: only this template of the task (default: every one).")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        if self.action in ("show", "render") and not self.name:
+            raise UserError(f"peftlab templates {self.action} needs a task name or template file, e.g. dialogsum")
+
+
+@dataclass
+class ForgettingConfig:
+    """``peftlab forgetting``: a held-out task suite before and after tuning, with per-task deltas."""
+
+    model: str = option(REQUIRED, "The base model.")
+    out: str = option(REQUIRED, "Folder for forgetting.json and forgetting.md.")
+    tuned: str | None = option(None, "A fully fine-tuned model folder (a run's final/).")
+    adapter: str | None = option(None, "Or a PEFT adapter folder applied to --model.")
+    suite: str = option("demo", "The suite: demo (the embedded tasks) or a suite YAML file.")
+    threshold: float | None = option(None, "Flag a task whose score drops by more than this (default 0.05, or the suite's).")
+    batch_size: int = option(8, "Prompts per forward pass.")
+    max_length: int = option(512, "Maximum prompt tokens.")
+    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
+    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    overwrite: bool = option(False, "Replace results already in --out.")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        if (self.tuned is None) == (self.adapter is None):
+            raise UserError("give the tuned model with --tuned DIR (full fine-tuning) or --adapter DIR (PEFT), one of them")
+
+
+@dataclass
 class DemoConfig:
     """``peftlab demo``: zero-shot baseline, fine-tune, evaluate again, on the embedded model and data."""
 
@@ -325,6 +393,8 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             return float(value)
         if tp is str:
             return str(value)
+        if typing.get_origin(tp) is list:
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
     except (TypeError, ValueError):
         raise UserError(f"--{flag(name)} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
     return value

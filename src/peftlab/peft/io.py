@@ -10,7 +10,8 @@ Folders written here load with ``peft.PeftModel.from_pretrained`` and folders wr
     model = load_adapter(AutoModelForCausalLM.from_pretrained(...), "runs/x/adapter")
 
 Each method registers an :class:`AdapterFormat` under its ``peft_type`` (LoRA registers
-``"LORA"`` below); :func:`load_adapter` dispatches on the ``peft_type`` of the file.
+``"LORA"`` below, the other methods at the end of their own modules); :func:`load_adapter`
+dispatches on the ``peft_type`` of the file.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class AdapterFormat:
     to_file_key: Callable[[str], str] = _add_peft_prefix
     """``model.state_dict()`` key of an adapter tensor -> its key in adapter_model.safetensors."""
     from_file_key: Callable[[str], str] = _strip_peft_prefix
+    state_dict: Callable[[nn.Module], dict[str, torch.Tensor]] = adapter_state_dict
+    """The tensors to write, keyed like ``model.state_dict()``: the adapter parameters, unless the method
+    saves something computed from them (prefix tuning folds its reparameterising MLP into plain prefixes)."""
 
 
 FORMATS: dict[str, AdapterFormat] = {}
@@ -100,7 +104,7 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the adapter in ``model``."""
     peft_type, fmt = _format_for_config(config)
-    tensors = {fmt.to_file_key(k): t.contiguous() for k, t in adapter_state_dict(model).items()}
+    tensors = {fmt.to_file_key(k): t.contiguous() for k, t in fmt.state_dict(model).items()}
     if not tensors:
         raise UserError("the model holds no adapter to save: apply or load one first")
     if base_model_name_or_path is None:

@@ -29,6 +29,7 @@ import torch
 from peftlab import methods
 from peftlab.config import TrainConfig, to_dict
 from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_template
+from peftlab.data.mixtures import prepare_mixture
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
 from peftlab.memory import peak_memory
@@ -36,9 +37,11 @@ from peftlab.models import load_model
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training import checkpoint as ckpt
 from peftlab.training.loss import completion_loss, target_count
+from peftlab.training.regularize import make_regularizer
 
 # Settings that must not change when a run is resumed.
-_RESUME_KEYS = ("model", "data", "method", "template", "split_fractions", "split_seed", "limit", "batch_size", "grad_accum", "seed")
+_RESUME_KEYS = ("model", "data", "task", "mix", "mix_cap", "mix_temperature", "mix_size", "method", "template",
+                "split_fractions", "split_seed", "limit", "batch_size", "grad_accum", "seed", "regularize", "reg_lambda")
 
 
 @dataclass
@@ -123,8 +126,19 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
     work = run.work
 
     # --- data (before the model: data errors should not wait for a model load)
-    data = prepare(config.data, config.template, config.split_fractions, config.split_seed)
-    train_examples = data.splits["train"][: config.limit]
+    if config.task:  # multi-task: each task split on its own, the training splits mixed
+        multi = prepare_mixture(config.task, config.split_fractions, config.split_seed, config.mix, config.mix_cap,
+                                config.mix_temperature, config.mix_size, seed=config.seed, limit=config.limit)
+        train_examples = multi.train
+        validation = [ex for rows in multi.split("validation").values() for ex in rows]
+        data_info = {"tasks": {name: {k: len(v) for k, v in d.splits.items()} for name, d in multi.tasks.items()},
+                     "mixture": multi.mixture.log_dict()}
+        log(str(multi.mixture))
+    else:
+        data = prepare(config.data, config.template, config.split_fractions, config.split_seed)
+        train_examples = data.splits["train"][: config.limit]
+        validation = data.splits["validation"]
+        data_info = {"task": data.task.task, **{k: len(v) for k, v in data.splits.items()}}
     if not train_examples:
         raise UserError(f"the training split of {config.data} is empty; add data or change --split-fractions")
 
@@ -144,8 +158,17 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
         max_length=config.max_length, max_target_length=config.max_target_length,
     )
     train_set = [encode(ex) for ex in train_examples]
-    val_set = [encode(ex) for ex in data.splits["validation"][: config.eval_limit]]
+    val_set = [encode(ex) for ex in validation[: config.eval_limit]]
     pad_id = tokenizer.pad_token_id
+    regularizer = None
+    if config.regularize:  # anchored at the pre-trained weights: built before a checkpoint is loaded
+        fisher_batches = None
+        if config.regularize == "ewc":
+            keep = prepare(config.ewc_data, config.ewc_template, config.split_fractions, config.split_seed).splits["train"]
+            kept = [encode(ex) for ex in keep[: config.ewc_examples]]
+            fisher_batches = [to_device(collate(kept[i : i + config.batch_size], pad_id, is_seq2seq), device)
+                              for i in range(0, len(kept), config.batch_size)]
+        regularizer = make_regularizer(config.regularize, model, config.reg_lambda, fisher_batches, progress=progress)
 
     # --- optimisation
     params = [p for p in model.parameters() if p.requires_grad]
@@ -175,7 +198,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
         "model": {"name": loaded.name, "path": loaded.path, "seq2seq": is_seq2seq, "class": type(model).__name__},
         "method": config.method,
         "parameters": methods.report_dict(report),
-        "data": {"task": data.task.task, **{k: len(v) for k, v in data.splits.items()}, "train_used": len(train_set), "chat_template": chat},
+        "data": {**data_info, "train_used": len(train_set), "chat_template": chat},
         "total_steps": total_steps,
     }
     ckpt.write_json(work / ckpt.RUN_MARKER, info)
@@ -220,6 +243,10 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
             (loss / max(n_tokens, 1)).backward()
             loss_sum += loss.item()
             step_tokens += int(b["attention_mask"].sum()) + (int((b["labels"] != -100).sum()) if is_seq2seq else 0)
+        penalty = None
+        if regularizer is not None:  # once per step: the same as adding it to the step's loss
+            penalty = regularizer.penalty(model)
+            penalty.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm else None
         optimizer.step()
         scheduler.step()
@@ -237,6 +264,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
                 "step": step, "epoch": round(epoch + next_micro / micro_per_epoch, 4), "loss": step_loss,
                 "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "completion_tokens": n_tokens, "tokens": step_tokens, "tokens_per_sec": seen_tokens / elapsed, "elapsed_s": elapsed,
+                **({"penalty": penalty.item()} if penalty is not None else {}),
             })
         if config.eval_every and step % config.eval_every == 0 and step != total_steps:
             eval_loss = validation_loss(model, val_set, config.batch_size, pad_id, is_seq2seq, device)
