@@ -18,6 +18,7 @@ from peftlab.config import (
     EvalConfig,
     ForgettingConfig,
     GenerateConfig,
+    InspectPromptConfig,
     MergeConfig,
     ReportConfig,
     ScoreConfig,
@@ -118,6 +119,21 @@ def report(config: ReportConfig | None = None, **options) -> Path:
     from peftlab.experiment.report import write_report
 
     return write_report(_config(ReportConfig, config, options).run_dir)
+
+
+def inspect_prompt(config: InspectPromptConfig | None = None, **options) -> list[list[tuple[str, float]]]:
+    """Nearest vocabulary tokens (cosine similarity) of each soft-prompt vector (``peftlab inspect-prompt``)."""
+    from peftlab.models import load_model
+    from peftlab.peft.inspect import load_prompt_embeddings, nearest_tokens
+    from peftlab.peft.io import read_adapter_config
+
+    config = _config(InspectPromptConfig, config, options)
+    prompt = load_prompt_embeddings(config.adapter)
+    base = config.model or read_adapter_config(config.adapter).get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{config.adapter} does not name its base model; pass --model")
+    loaded = load_model(base, device="cpu")
+    return nearest_tokens(loaded.model, loaded.tokenizer, prompt, k=config.k)
 
 
 def templates(config: TemplatesConfig | None = None, **options):

@@ -28,6 +28,7 @@ from peftlab.config import (
     CompareConfig,
     ForgettingConfig,
     GenerateConfig,
+    InspectPromptConfig,
     MergeConfig,
     TemplatesConfig,
     ReportConfig,
@@ -160,6 +161,12 @@ def cmd_report(config: ReportConfig) -> None:
     say(f"report: {path} and {path.with_suffix('.html')}")
 
 
+def cmd_inspect_prompt(config: InspectPromptConfig) -> None:
+    rows = api.inspect_prompt(config)
+    say(table(["virtual token", f"nearest {config.k} vocabulary tokens (cosine similarity)"],
+              [[i, "  ".join(f"{tok!r} {sim:.3f}" for tok, sim in near)] for i, near in enumerate(rows)]))
+
+
 def cmd_templates(config: TemplatesConfig) -> None:
     result = api.templates(config)
     if config.action == "list":
@@ -193,6 +200,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "sweep": (SweepConfig, cmd_sweep),
     "report": (ReportConfig, cmd_report),
     "templates": (TemplatesConfig, cmd_templates),
+    "inspect-prompt": (InspectPromptConfig, cmd_inspect_prompt),
     "forgetting": (ForgettingConfig, cmd_forgetting),
 }
 

@@ -38,7 +38,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
-METHOD_NAMES = ("full", "lora", "dora")
+METHOD_NAMES = ("full", "lora", "dora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,7 +88,8 @@ class TrainConfig:
     mix_cap: int | None = option(None, "Examples-proportional mixing counts at most this many examples of a task.")
     mix_temperature: float = option(1.0, "Temperature T of temperature mixing: rate ~ size^(1/T).")
     mix_size: int | None = option(None, "Training examples drawn from the mixture (default: one capped pass over all tasks).")
-    method: str = option("full", "Fine-tuning method: full (every weight), lora, dora (weight-decomposed LoRA).",
+    method: str = option("full", "Fine-tuning method: full (every weight); reparameterising lora, dora; additive adapter "
+                                 "(bottleneck), prompt (soft prompt), prefix, ia3; selective bitfit, layernorm, selective.",
                          choices=METHOD_NAMES)
     template: str | None = option(None, "Prompt template: a built-in name or a YAML file. Default: detected from the data's fields.")
     split_fractions: str = option("0.8,0.1,0.1", "train,validation,test fractions of the data (sum to 1).")
@@ -124,6 +125,17 @@ class TrainConfig:
                                        "or re:REGEX. Default: the architecture's (T5: q,v; Llama-style: q_proj,v_proj).")
     exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
     layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
+    # --- additive methods
+    reduction_factor: int = option(16, "adapter: bottleneck width = hidden size / this factor.")
+    adapter_placement: str = option("houlsby", "adapter: after attention and feed-forward (houlsby) or after feed-forward only (pfeiffer).",
+                                    choices=("houlsby", "pfeiffer"))
+    num_virtual_tokens: int = option(20, "prompt, prefix: virtual tokens (the course notes: 20-100).")
+    prompt_init: str = option("random", "prompt: initialise the soft prompt randomly, from sampled vocabulary embeddings, or from --prompt-init-text.",
+                              choices=("random", "vocab", "text"))
+    prompt_init_text: str | None = option(None, "prompt: text whose token embeddings start the soft prompt, e.g. 'Summarize the following conversation'.")
+    # --- selective methods
+    train_modules: str | None = option(None, "selective: parameters of these modules train (names, suffixes, re:REGEX).")
+    train_layers: str | None = option(None, "selective (and bitfit/layernorm): only these transformer blocks, e.g. 10-11.")
     # --- regularisation against forgetting (full fine-tuning)
     regularize: str | None = option(None, "Penalise moving away from the pre-trained weights: l2sp, or ewc (Fisher-weighted).",
                                     choices=("l2sp", "ewc"))
@@ -136,6 +148,8 @@ class TrainConfig:
         validate_choices(self)
         if (self.data is None) == (not self.task):
             raise UserError("give the training data with --data PATH, or a multi-task mixture with --task NAME=PATH (repeated), not both")
+        if self.prompt_init_text and self.prompt_init != "text":
+            self.prompt_init = "text"  # giving the text is asking for it
         if self.regularize and self.method != "full":
             raise UserError(f"--regularize applies to full fine-tuning; --method {self.method} already keeps the base weights frozen")
         if self.regularize == "ewc" and not self.ewc_data:
@@ -290,6 +304,18 @@ class ReportConfig:
     """``peftlab report``: rebuild report.md and report.html of a compare or sweep folder from its saved results."""
 
     run_dir: str = option(REQUIRED, "The folder of a compare or sweep run.")
+
+
+@dataclass
+class InspectPromptConfig:
+    """``peftlab inspect-prompt``: the nearest vocabulary tokens of each virtual token of a soft prompt."""
+
+    adapter: str = option(REQUIRED, "A prompt-tuning adapter folder (peftlab's or peft's).", positional=True)
+    model: str | None = option(None, "The base model whose vocabulary to search (default: the adapter's base_model_name_or_path).")
+    k: int = option(5, "Nearest tokens listed per virtual token.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "k")
 
 
 @dataclass

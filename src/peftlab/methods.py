@@ -1,39 +1,28 @@
 """Fine-tuning methods as the training loop sees them.
 
 A method decides which parameters train (``prepare``) and what ``final/`` holds
-(``save_final``). ``full`` trains every weight and saves an HF model folder; the PEFT methods
-inject adapters and save a peft-format adapter folder. The loop never branches on the method.
+(``save_final``): ``full`` trains every weight and saves an HF model folder; every PEFT method
+injects its adapter, freezes the rest, and saves a peft-format adapter folder. The loop never
+branches on the method: adding one is a config builder and an entry in ``METHODS``.
+
+    family            methods (--method)
+    full              full
+    reparameterising  lora, dora (weight-decomposed), qlora (LoRA on a 4-bit NF4 base)
+    additive          adapter (bottleneck, --adapter-placement houlsby|pfeiffer), prompt, prefix, ia3
+    selective         bitfit, layernorm, selective (--train-modules / --train-layers)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
+from peftlab import peft
 from peftlab.errors import UserError
-from peftlab.peft import LoraConfig, apply_lora, save_adapter
 from peftlab.peft.core import ParameterReport, parameter_report  # noqa: F401  (re-exported for the loop)
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str
-    prepare: Callable  # (model, TrainConfig) -> model with only the method's parameters trainable
-    save_final: Callable  # (model, tokenizer, folder, LoadedModel, TrainConfig) -> None
-
-
-def _prepare_full(model, config):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _save_full(model, tokenizer, folder: Path, loaded, config) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
 
 
 def _patterns(text: str | None) -> str | list[str] | None:
@@ -45,24 +34,66 @@ def _patterns(text: str | None) -> str | list[str] | None:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def lora_config(config) -> LoraConfig:
-    return LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=_patterns(config.targets),
-                      exclude=_patterns(config.exclude) or (), layers=config.layers, rslora=config.rslora,
-                      dora=config.method == "dora")
+def lora_config(config) -> peft.LoraConfig:
+    return peft.LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=_patterns(config.targets),
+                           exclude=_patterns(config.exclude) or (), layers=config.layers, rslora=config.rslora,
+                           dora=config.method == "dora")
 
 
-def _prepare_lora(model, config):
-    return apply_lora(model, lora_config(config))
+def _adapter_config(config) -> peft.BottleneckConfig:
+    return peft.BottleneckConfig(reduction_factor=config.reduction_factor, placement=config.adapter_placement)
 
 
-def _save_adapter(model, tokenizer, folder: Path, loaded, config) -> None:
-    save_adapter(model, folder, lora_config(config), base_model_name_or_path=loaded.name)
+def _prompt_config(config) -> peft.PromptTuningConfig:
+    return peft.PromptTuningConfig(num_virtual_tokens=config.num_virtual_tokens, prompt_init=config.prompt_init,
+                                   prompt_init_text=config.prompt_init_text, tokenizer_name_or_path=config.model)
+
+
+def _prefix_config(config) -> peft.PrefixConfig:
+    return peft.PrefixConfig(num_virtual_tokens=config.num_virtual_tokens)
+
+
+def _ia3_config(config) -> peft.IA3Config:
+    return peft.IA3Config(targets=_patterns(config.targets), exclude=_patterns(config.exclude) or ())
+
+
+def _selective_config(config) -> peft.SelectiveConfig:
+    return peft.SelectiveConfig(method=config.method, train_modules=_patterns(config.train_modules),
+                                train_layers=config.train_layers)
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: Callable[[Any], Any] | None  # TrainConfig -> the method's own config (None: full fine-tuning)
+    apply: Callable[..., torch.nn.Module] | None  # (model, method config, loaded) -> model with only its parameters trainable
+
+    def prepare(self, loaded, config) -> torch.nn.Module:
+        if self.apply is None:
+            for p in loaded.model.parameters():
+                p.requires_grad_(True)
+            return loaded.model
+        return self.apply(loaded.model, self.config(config), loaded)
+
+    def save_final(self, model, tokenizer, folder: Path, loaded, config) -> None:
+        if self.apply is None:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        else:
+            peft.save_adapter(model, folder, self.config(config), base_model_name_or_path=loaded.name)
 
 
 METHODS: dict[str, Method] = {
-    "full": Method("full", _prepare_full, _save_full),
-    "lora": Method("lora", _prepare_lora, _save_adapter),
-    "dora": Method("dora", _prepare_lora, _save_adapter),
+    "full": Method("full", None, None),
+    "lora": Method("lora", lora_config, lambda m, c, loaded: peft.apply_lora(m, c)),
+    "dora": Method("dora", lora_config, lambda m, c, loaded: peft.apply_lora(m, c)),
+    "adapter": Method("adapter", _adapter_config, lambda m, c, loaded: peft.apply_bottleneck(m, c)),
+    "prompt": Method("prompt", _prompt_config, lambda m, c, loaded: peft.apply_prompt_tuning(m, c, loaded.tokenizer)),
+    "prefix": Method("prefix", _prefix_config, lambda m, c, loaded: peft.apply_prefix(m, c)),
+    "ia3": Method("ia3", _ia3_config, lambda m, c, loaded: peft.apply_ia3(m, c)),
+    "bitfit": Method("bitfit", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
+    "layernorm": Method("layernorm", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
+    "selective": Method("selective", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
 }
 
 

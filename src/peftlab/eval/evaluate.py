@@ -24,6 +24,7 @@ from peftlab.memory import peak_memory
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
 from peftlab.models import LoadedModel, load_model
+from peftlab.peft import virtual_token_count
 from peftlab.progress import ProgressFactory, silent
 
 OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
@@ -116,10 +117,11 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
         loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
     chat = uses_chat_template(loaded.tokenizer, config.chat_template)
     budget = config.max_length if loaded.context_length is None else min(config.max_length, loaded.context_length - config.max_new_tokens)
+    budget -= virtual_token_count(loaded.model)  # a soft prompt / prefix takes positions too
     prompts = build_prompts(loaded.tokenizer, examples, shots, budget, chat, loaded.is_seq2seq)
     generation = generate(
         loaded.model, loaded.tokenizer, prompts.prompts, is_seq2seq=loaded.is_seq2seq, chat=chat,
-        max_new_tokens=config.max_new_tokens, max_length=config.max_length, batch_size=config.batch_size, progress=progress,
+        max_new_tokens=config.max_new_tokens, max_length=budget, batch_size=config.batch_size, progress=progress,
     )
     references = [ex.completion for ex in examples]
     report = score(generation.texts, references, use_stemmer=config.use_stemmer, bootstrap=config.bootstrap)

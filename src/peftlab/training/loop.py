@@ -34,6 +34,7 @@ from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
 from peftlab.memory import peak_memory
 from peftlab.models import load_model
+from peftlab.peft import virtual_token_count
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training import checkpoint as ckpt
 from peftlab.training.loss import completion_loss, target_count
@@ -147,15 +148,16 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
     model, tokenizer, is_seq2seq = loaded.model, loaded.tokenizer, loaded.is_seq2seq
     torch.manual_seed(config.seed)  # adapter initialisation does not depend on what loading consumed
     method = methods.get(config.method)
-    model = method.prepare(model, config)
+    model = method.prepare(loaded, config)
     report = methods.parameter_report(model)
     log(str(report))
     device = next(model.parameters()).device
 
     chat = uses_chat_template(tokenizer, config.chat_template)
+    max_length = config.max_length - virtual_token_count(model)  # soft prompts / prefixes take positions too
     encode = lambda ex: encode_example(  # noqa: E731
         tokenizer, ex.prompt, ex.completion, is_seq2seq=is_seq2seq, chat=chat,
-        max_length=config.max_length, max_target_length=config.max_target_length,
+        max_length=max_length, max_target_length=config.max_target_length,
     )
     train_set = [encode(ex) for ex in train_examples]
     val_set = [encode(ex) for ex in validation[: config.eval_limit]]
