@@ -154,7 +154,13 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
     device = next(model.parameters()).device
 
     chat = uses_chat_template(tokenizer, config.chat_template)
-    max_length = config.max_length - virtual_token_count(model)  # soft prompts / prefixes take positions too
+    virtual = virtual_token_count(model)  # soft prompts / prefixes take positions too
+    context = min(config.max_length, loaded.context_length or config.max_length)
+    max_length = context - virtual
+    if max_length <= config.max_target_length:
+        need = virtual + config.max_target_length + 1
+        raise UserError(f"{virtual} virtual tokens plus an example of at least {config.max_target_length + 1} tokens need "
+                        f"{need} positions, {need - context} more than the {context} available: use fewer --num-virtual-tokens")
     encode = lambda ex: encode_example(  # noqa: E731
         tokenizer, ex.prompt, ex.completion, is_seq2seq=is_seq2seq, chat=chat,
         max_length=max_length, max_target_length=config.max_target_length,
