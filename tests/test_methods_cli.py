@@ -59,7 +59,7 @@ def test_templates_and_forgetting_commands(tiny_llama_dir, tmp_path, capsys):
     assert "Summarize the following conversation." in out and "A greeting." in out
     assert "summary" in _error(["templates", "render", "dialogsum", "--record", '{"dialogue": "hi"}'], capsys)
     suite = tmp_path / "suite.yaml"
-    suite.write_text("tasks:\n  - {name: rating, data: 'demo:reviews', template: review_rating, limit: 6}\n")
+    suite.write_text("suite:\n  - {name: rating, data: 'demo:reviews', template: review_rating, limit: 6}\n")
     assert main(["forgetting", "--model", str(tiny_llama_dir), "--tuned", str(tiny_llama_dir), "--suite", str(suite),
                  "--out", str(tmp_path / "fg"), "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "fg" / "forgetting.json").read_text())
