@@ -89,8 +89,15 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
     config = _config(MergeConfig, config, options)
     folder = ckpt.RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
     try:
-        loaded = _evaluate.load_for_inference(config.model, config.adapter, config.dtype, "cpu", config.trust_pickle, progress)
-        model = merge_and_unload(loaded.model)
+        if config.quantize == "nf4":  # merge into the rounded weights the adapter was trained on
+            from peftlab.peft import dequantize_model, load_adapter
+
+            loaded = _evaluate.load_for_inference(config.model, None, config.dtype, "cpu", progress=progress, quantize="nf4")
+            model = load_adapter(dequantize_model(loaded.model), config.adapter, trust_pickle=config.trust_pickle)
+        else:
+            loaded = _evaluate.load_for_inference(config.model, config.adapter, config.dtype, "cpu", config.trust_pickle, progress)
+            model = loaded.model
+        model = merge_and_unload(model)
         model.save_pretrained(folder.work)
         loaded.tokenizer.save_pretrained(folder.work)
     except BaseException:

@@ -129,6 +129,9 @@ def cmd_demo(config: DemoConfig) -> None:
 
 
 def cmd_merge(config: MergeConfig) -> None:
+    if config.quantize:
+        sys.stderr.write("peftlab: warning: the merged model holds dequantised 4-bit weights plus the adapter; it differs "
+                         "from 4-bit inference by the quantisation error of the NF4 base\n")
     out = api.merge(config, progress=progress)
     say(f"merged model: {out}")
 
@@ -258,7 +261,7 @@ def _sweep_shorthand(argv: list[str]) -> list[str]:
     own = {f"--{flag(f.name)}" for f in dataclasses.fields(SweepConfig)}
     train = {f"--{flag(f.name)}" for f in dataclasses.fields(TrainConfig)}
     for i, token in enumerate(argv[:-1]):
-        if token in train and token not in own and "," in argv[i + 1]:
+        if token in train and token not in own:
             return argv[:i] + argv[i + 2 :] + ["--sweep", f"{token[2:]}={argv[i + 1]}"]
     return argv
 

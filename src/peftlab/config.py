@@ -38,7 +38,10 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
-METHOD_NAMES = ("full", "lora", "dora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
+# Peak learning rates that work for each method (few parameters, or soft prompts, want larger steps).
+DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
+              "ia3": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3, "selective": 1e-3}
+METHOD_NAMES = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,7 +102,8 @@ class TrainConfig:
     max_steps: int | None = option(None, "Optimizer steps to run (overrides --epochs).")
     batch_size: int = option(8, "Examples per micro-batch.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate. Default: 5e-5 for full fine-tuning, 2e-4 for PEFT methods.")
+    lr: float | None = option(None, "Peak learning rate. Default: the method's (full 5e-5; LoRA family 2e-4; adapter, ia3, "
+                                    "selective 1e-3; prefix 1e-2; prompt 3e-2).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = option(0.05, "Fraction of the steps spent warming up linearly from 0.")
@@ -125,6 +129,11 @@ class TrainConfig:
                                        "or re:REGEX. Default: the architecture's (T5: q,v; Llama-style: q_proj,v_proj).")
     exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
     layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
+    # --- QLoRA: a 4-bit NF4 base under LoRA-family adapters
+    quantize: str | None = option(None, "Store the frozen base's linear layers as 4-bit NF4 (with lora/dora; implied by qlora).",
+                                  choices=("nf4",))
+    compute_dtype: str = option("bfloat16", "qlora / --quantize: dtype the 4-bit weights are dequantised to for compute.",
+                                choices=("float32", "bfloat16"))
     # --- additive methods
     reduction_factor: int = option(16, "adapter: bottleneck width = hidden size / this factor.")
     adapter_placement: str = option("houlsby", "adapter: after attention and feed-forward (houlsby) or after feed-forward only (pfeiffer).",
@@ -150,6 +159,8 @@ class TrainConfig:
             raise UserError("give the training data with --data PATH, or a multi-task mixture with --task NAME=PATH (repeated), not both")
         if self.prompt_init_text and self.prompt_init != "text":
             self.prompt_init = "text"  # giving the text is asking for it
+        if self.quantize and self.method not in ("lora", "dora", "qlora"):
+            raise UserError(f"--quantize nf4 puts LoRA-family adapters on a 4-bit base; it does not apply to --method {self.method}")
         if self.regularize and self.method != "full":
             raise UserError(f"--regularize applies to full fine-tuning; --method {self.method} already keeps the base weights frozen")
         if self.regularize == "ewc" and not self.ewc_data:
@@ -167,7 +178,7 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (5e-5 if self.method == "full" else 2e-4)
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
 
 
 @dataclass
@@ -191,6 +202,7 @@ class EvalConfig:
     use_stemmer: bool = option(False, "Porter-stem tokens before ROUGE matching (as rouge-score's use_stemmer).")
     bootstrap: int = option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
     trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    quantize: str | None = option(None, "Evaluate on a 4-bit NF4 base, as a QLoRA adapter was trained.", choices=("nf4",))
     dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
     overwrite: bool = option(False, "Replace predictions.jsonl/metrics.json already in --out.")
@@ -232,6 +244,8 @@ class MergeConfig:
     adapter: str = option(REQUIRED, "LoRA/DoRA adapter folder (peft format).")
     out: str = option(REQUIRED, "Folder for the merged model (loads with AutoModel*.from_pretrained).")
     dtype: str = option("float32", "dtype of the merged weights.", choices=DTYPES)
+    quantize: str | None = option(None, "The adapter was trained on a 4-bit NF4 base (QLoRA): merge into that base's "
+                                        "dequantised weights.", choices=("nf4",))
     trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
     overwrite: bool = option(False, "Replace a model already in --out (the old one is kept until the new one is written).")
 

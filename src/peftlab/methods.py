@@ -62,18 +62,24 @@ def _selective_config(config) -> peft.SelectiveConfig:
                                 train_layers=config.train_layers)
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
     config: Callable[[Any], Any] | None  # TrainConfig -> the method's own config (None: full fine-tuning)
-    apply: Callable[..., torch.nn.Module] | None  # (model, method config, loaded) -> model with only its parameters trainable
+    apply: Callable[..., torch.nn.Module] | None  # (model, method config, loaded, TrainConfig) -> model, only its params trainable
 
     def prepare(self, loaded, config) -> torch.nn.Module:
         if self.apply is None:
             for p in loaded.model.parameters():
                 p.requires_grad_(True)
             return loaded.model
-        return self.apply(loaded.model, self.config(config), loaded)
+        if config.quantize == "nf4" and self.name != "qlora":
+            peft.quantize_model(loaded.model, config.compute_dtype, device=_device(loaded.model))
+        return self.apply(loaded.model, self.config(config), loaded, config)
 
     def save_final(self, model, tokenizer, folder: Path, loaded, config) -> None:
         if self.apply is None:
@@ -85,15 +91,16 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "full": Method("full", None, None),
-    "lora": Method("lora", lora_config, lambda m, c, loaded: peft.apply_lora(m, c)),
-    "dora": Method("dora", lora_config, lambda m, c, loaded: peft.apply_lora(m, c)),
-    "adapter": Method("adapter", _adapter_config, lambda m, c, loaded: peft.apply_bottleneck(m, c)),
-    "prompt": Method("prompt", _prompt_config, lambda m, c, loaded: peft.apply_prompt_tuning(m, c, loaded.tokenizer)),
-    "prefix": Method("prefix", _prefix_config, lambda m, c, loaded: peft.apply_prefix(m, c)),
-    "ia3": Method("ia3", _ia3_config, lambda m, c, loaded: peft.apply_ia3(m, c)),
-    "bitfit": Method("bitfit", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
-    "layernorm": Method("layernorm", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
-    "selective": Method("selective", _selective_config, lambda m, c, loaded: peft.apply_selective(m, c)),
+    "lora": Method("lora", lora_config, lambda m, c, loaded, t: peft.apply_lora(m, c)),
+    "dora": Method("dora", lora_config, lambda m, c, loaded, t: peft.apply_lora(m, c)),
+    "qlora": Method("qlora", lora_config, lambda m, c, loaded, t: peft.apply_qlora(m, c, t.compute_dtype, device=_device(m))),
+    "adapter": Method("adapter", _adapter_config, lambda m, c, loaded, t: peft.apply_bottleneck(m, c)),
+    "prompt": Method("prompt", _prompt_config, lambda m, c, loaded, t: peft.apply_prompt_tuning(m, c, loaded.tokenizer)),
+    "prefix": Method("prefix", _prefix_config, lambda m, c, loaded, t: peft.apply_prefix(m, c)),
+    "ia3": Method("ia3", _ia3_config, lambda m, c, loaded, t: peft.apply_ia3(m, c)),
+    "bitfit": Method("bitfit", _selective_config, lambda m, c, loaded, t: peft.apply_selective(m, c)),
+    "layernorm": Method("layernorm", _selective_config, lambda m, c, loaded, t: peft.apply_selective(m, c)),
+    "selective": Method("selective", _selective_config, lambda m, c, loaded, t: peft.apply_selective(m, c)),
 }
 
 

@@ -39,9 +39,13 @@ class EvalResult:
 
 
 def load_for_inference(model: str, adapter: str | None, dtype: str, device: str, trust_pickle: bool = False,
-                       progress: ProgressFactory = silent) -> LoadedModel:
-    """The base model, with a PEFT adapter applied when one is given."""
+                       progress: ProgressFactory = silent, quantize: str | None = None) -> LoadedModel:
+    """The base model (stored as 4-bit NF4 with ``quantize="nf4"``), with a PEFT adapter applied when one is given."""
     loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+    if quantize == "nf4":
+        from peftlab.peft import quantize_model
+
+        quantize_model(loaded.model, "float32" if dtype == "float32" else "bfloat16", device=next(loaded.model.parameters()).device)
     if adapter:
         from peftlab.peft import load_adapter
 
@@ -114,7 +118,8 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
         raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them or choose another --out")
     examples, shots = select_examples(config)
     if loaded is None:
-        loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
+        loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress,
+                                    config.quantize)
     chat = uses_chat_template(loaded.tokenizer, config.chat_template)
     budget = config.max_length if loaded.context_length is None else min(config.max_length, loaded.context_length - config.max_new_tokens)
     budget -= virtual_token_count(loaded.model)  # a soft prompt / prefix takes positions too

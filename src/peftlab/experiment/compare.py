@@ -159,6 +159,8 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
         final = run / "final"
         adapter = (final / "adapter_config.json").is_file()
         model_eval = {"model": config.model, "adapter": str(final)} if adapter else {"model": str(final)}
+        if variant.method == "qlora" or train.get("quantize"):
+            model_eval["quantize"] = "nf4"  # evaluate on the 4-bit base it was trained on
         recipe = _write_recipe(folder / "eval.yaml", {**common_eval, **model_eval, "out": str(folder / "eval")})
         _run(["eval", "--config", str(recipe)], log)
         p = info["parameters"]
@@ -169,7 +171,7 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
             train_loss=info["result"]["train_loss"], steps=info["result"]["steps"],
         )
         if variant.method in MERGEABLE and config.latency_examples:
-            result["merged"] = _merged_latency(config, folder, final, common_eval, log)
+            result["merged"] = _merged_latency(config, folder, final, {**common_eval, **model_eval}, log)
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     gen = metrics["generation"]
     result.update({k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
@@ -182,10 +184,12 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
 def _merged_latency(config, folder: Path, adapter: Path, common_eval: dict, log) -> dict:
     """Latency of the same few prompts with the adapter unmerged and merged into the weights."""
     merged = folder / "merged"
+    quantize = ["--quantize", "nf4"] if common_eval.get("quantize") else []
     _run(["merge", "--model", config.model, "--adapter", str(adapter), "--out", str(merged), "--dtype", config.dtype,
-          "--overwrite"], log)
+          "--overwrite", *quantize], log)
     out = {}
-    for name, model in (("unmerged", {"model": config.model, "adapter": str(adapter)}), ("merged", {"model": str(merged)})):
+    for name, model in (("unmerged", {"model": config.model, "adapter": str(adapter)}),
+                        ("merged", {"model": str(merged), "adapter": None, "quantize": None})):
         recipe = _write_recipe(folder / f"latency-{name}.yaml", {**common_eval, **model, "limit": config.latency_examples,
                                                                 "out": str(folder / f"latency-{name}")})
         _run(["eval", "--config", str(recipe)], log)

@@ -45,9 +45,15 @@ from peftlab.peft.ia3 import IA3Config, IA3Linear, apply_ia3
 from peftlab.peft.inspect import load_prompt_embeddings, nearest_tokens, prompt_embeddings
 from peftlab.peft.prefix import PrefixConfig, apply_prefix
 from peftlab.peft.prompt_tuning import PromptTuningConfig, apply_prompt_tuning, virtual_token_count
+from peftlab.peft.qlora import apply_qlora, dequantize_model, is_quantized, quantize_model, weight_storage
 from peftlab.peft.selective import SelectiveConfig, apply_selective
 
 __all__ = [
+    "apply_qlora",
+    "dequantize_model",
+    "is_quantized",
+    "quantize_model",
+    "weight_storage",
     "ALL_LINEAR",
     "DEFAULT_TARGETS",
     "FORMATS",

@@ -51,6 +51,7 @@ from peftlab.peft.core import (
     replace_module,
     select_modules,
 )
+from peftlab.peft.nf4 import NF4Linear
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -186,6 +187,11 @@ class LoraLinear(nn.Module):
         """Fold the update into ``base_layer.weight`` (W <- W + s B A, or W' for DoRA); forward is unchanged."""
         if self.merged:
             return
+        if isinstance(self.base_layer, NF4Linear):  # its weight is rebuilt on each access: nowhere to add to
+            raise UserError(
+                "cannot merge a LoRA adapter into a 4-bit NF4 layer: dequantise the model first "
+                "(peftlab.peft.qlora.dequantize_model(model)), then merge"
+            )
         weight = self.base_layer.weight
         delta = self.delta_weight()
         if self.dora:
