@@ -124,3 +124,12 @@ def test_report_opens_in_headless_chromium(tiny_llama_dir, tmp_path, capsys):
     assert shot.stat().st_size > 10_000  # a rendered page, not a blank one
     assert "Uncaught" not in result.stderr  # no JavaScript / page errors
     capsys.readouterr()
+
+
+def test_demo_is_a_compare_of_base_lora_and_full(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tiny_llama_dir), "--out", str(out), "--train-examples", "8", "--test-examples", "2",
+                 "--max-steps", "2", "--batch-size", "4", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| base |" in printed and "| lora |" in printed and "| full |" in printed and "report:" in printed
+    assert [r["label"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["base", "lora", "full"]

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 # Resolved on first use, so `import peftlab.data` (or the CLI's --help) does not pay for torch.
 _API = {
     "train": "peftlab.api", "evaluate": "peftlab.api", "generate": "peftlab.api", "score_files": "peftlab.api",
-    "demo": "peftlab.api", "merge": "peftlab.api", "compare": "peftlab.api", "sweep": "peftlab.api", "report": "peftlab.api",
+    "demo": "peftlab.api", "merge": "peftlab.api", "harness": "peftlab.api", "holistic": "peftlab.api", "compare": "peftlab.api", "sweep": "peftlab.api", "report": "peftlab.api",
     "CompareConfig": "peftlab.config", "SweepConfig": "peftlab.config", "MergeConfig": "peftlab.config", "TrainConfig": "peftlab.config", "EvalConfig": "peftlab.config",
     "GenerateConfig": "peftlab.config", "ScoreConfig": "peftlab.config", "DemoConfig": "peftlab.config",
     "UserError": "peftlab.errors",

@@ -18,6 +18,8 @@ from peftlab.config import (
     EvalConfig,
     ForgettingConfig,
     GenerateConfig,
+    HarnessConfig,
+    HolisticConfig,
     InspectPromptConfig,
     MergeConfig,
     ReportConfig,
@@ -174,41 +176,49 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
     return report
 
 
-@dataclass
-class DemoResult:
-    rows: dict[str, dict]  # model label -> metrics
-    paths: dict[str, Path] = field(default_factory=dict)
+def harness(config: HarnessConfig | None = None, *, progress: ProgressFactory = silent, **options):
+    """Benchmark tasks scored as lm-evaluation-harness does (``peftlab harness``); writes results.json with --out."""
+    from peftlab.eval.harness import run_harness, write_results
 
-
-def demo(config: DemoConfig | None = None, *, progress: ProgressFactory = silent, log: Log = lambda _: None, **options) -> DemoResult:
-    """Zero-shot baseline, full fine-tuning, evaluation again (``peftlab demo``)."""
-    config = _config(DemoConfig, config, options)
-    folder = ckpt.RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
-    try:
-        result = _demo(config, folder.work, progress, log)
-    except BaseException:
-        folder.abandon()
-        raise
-    folder.commit()
-    result.paths = {k: folder.final / v.relative_to(folder.work) for k, v in result.paths.items()}
+    config = _config(HarnessConfig, config, options)
+    result = run_harness(config.model, _task_list(config.tasks), **_harness_options(config), progress=progress)
+    if config.out:
+        write_results(result, Path(config.out) / "results.json")
     return result
 
 
-def _demo(config: DemoConfig, work: Path, progress: ProgressFactory, log: Log) -> DemoResult:
-    common = dict(data=config.data, limit=config.test_examples, device=config.device, max_new_tokens=config.max_new_tokens)
-    log(f"1/3 zero-shot baseline of {config.model} on {config.test_examples} held-out examples")
-    baseline = _evaluate.evaluate(EvalConfig(model=config.model, out=str(work / "baseline"), **common), progress=progress)
-    log(f"2/3 full fine-tuning: {config.max_steps} steps of {config.batch_size} examples")
-    run = _train(TrainConfig(model=config.model, data=config.data, out=str(work / "run"), method="full",
-                             limit=config.train_examples, max_steps=config.max_steps, batch_size=config.batch_size,
-                             lr=config.lr, seed=config.seed, device=config.device), progress=progress, log=log)
-    log("3/3 evaluating the fine-tuned model on the same examples")
-    tuned = _evaluate.evaluate(EvalConfig(model=str(run.final_dir), out=str(work / "finetuned"), **common), progress=progress)
-    rows = {f"{config.model} (zero-shot)": baseline.metrics, "full fine-tune": tuned.metrics}
-    report = work / "report.md"
-    lines = ["# peftlab demo", "", "| model | rouge1 | rouge2 | rougeL | rougeLsum |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | " + " | ".join(f"{m[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")) + " |" for name, m in rows.items()]
-    lines += ["", f"Training: {run.steps} steps, {run.seconds:.0f} s, final validation loss {run.eval_loss:.4f}."]
-    report.write_text("\n".join(lines) + "\n")
-    return DemoResult(rows, {"report": report, "baseline predictions": baseline.predictions_file,
-                             "fine-tuned predictions": tuned.predictions_file, "checkpoint": run.final_dir})
+def holistic(config: HolisticConfig | None = None, *, progress: ProgressFactory = silent, **options):
+    """HELM-style holistic report (``peftlab holistic``); writes holistic.json and holistic.png with --out."""
+    from peftlab.eval.harness import write_results
+    from peftlab.eval.holistic import plot_holistic, run_holistic
+
+    config = _config(HolisticConfig, config, options)
+    result = run_holistic(config.model, _task_list(config.tasks), **_harness_options(config),
+                          probe_tokens=config.probe_tokens, seed=config.seed, progress=progress)
+    if config.out:
+        write_results(result, Path(config.out) / "holistic.json")
+        plot_holistic(result, Path(config.out) / "holistic.png")
+    return result
+
+
+def _task_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _harness_options(config: HarnessConfig) -> dict:
+    return dict(adapter=config.adapter, data_root=config.data_root, split=config.split, num_fewshot=config.num_fewshot,
+                limit=config.limit, batch_size=config.batch_size, max_gen_toks=config.max_gen_toks, dtype=config.dtype,
+                device=config.device, trust_pickle=config.trust_pickle)
+
+
+def demo(config: DemoConfig | None = None, *, log: Log = lambda _: None, **options):
+    """Zero-shot baseline, LoRA and full fine-tuning side by side on the embedded model (``peftlab demo``).
+
+    A ``peftlab compare`` with small, fixed settings: rerunning it reuses what already finished.
+    """
+    config = _config(DemoConfig, config, options)
+    return compare(CompareConfig(model=config.model, data=config.data, out=config.out, methods=config.methods,
+                                 train_limit=config.train_examples, test_limit=config.test_examples,
+                                 max_steps=config.max_steps, batch_size=config.batch_size,
+                                 max_new_tokens=config.max_new_tokens, seed=config.seed, latency_examples=0,
+                                 device=config.device), log=log)

@@ -28,6 +28,8 @@ from peftlab.config import (
     CompareConfig,
     ForgettingConfig,
     GenerateConfig,
+    HarnessConfig,
+    HolisticConfig,
     InspectPromptConfig,
     MergeConfig,
     TemplatesConfig,
@@ -120,12 +122,26 @@ def cmd_score(config: ScoreConfig) -> None:
 
 
 def cmd_demo(config: DemoConfig) -> None:
-    result = api.demo(config, progress=progress, log=say)
-    say("")
-    say(table(["model", *ROUGE_KEYS], [[name, *(m[k] for k in ROUGE_KEYS)] for name, m in result.rows.items()]))
-    say("")
-    for label, path in result.paths.items():
-        say(f"{label}: {path}")
+    say(f"peftlab demo: {config.methods.replace(',', ', ')} on {config.model} with {config.data} "
+        f"({config.train_examples} training examples, {config.max_steps} steps, {config.test_examples} held-out examples)")
+    _print_experiment(api.demo(config, log=say))
+
+
+def cmd_harness(config: HarnessConfig) -> None:
+    result = api.harness(config, progress=progress)
+    say(table(["task", "metric", "value", "stderr", "n", "shots"],
+              [[r["task"], r["metric"], r["value"], r["stderr"] if r["stderr"] is not None else "-", r["n"], r["shots"]]
+               for r in result.rows()]))
+    say(f"{result.seconds:.1f} s ({result.items_per_second:.2f} items/s)")
+    if config.out:
+        say(f"results: {Path(config.out) / 'results.json'}")
+
+
+def cmd_holistic(config: HolisticConfig) -> None:
+    result = api.holistic(config, progress=progress)
+    say(table(["category", "metric", "value"], [[r["category"], r["metric"], r["value"]] for r in result.rows()]))
+    if config.out:
+        say(f"results: {Path(config.out) / 'holistic.json'}, plot: {Path(config.out) / 'holistic.png'}")
 
 
 def cmd_merge(config: MergeConfig) -> None:
@@ -204,6 +220,8 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "report": (ReportConfig, cmd_report),
     "templates": (TemplatesConfig, cmd_templates),
     "inspect-prompt": (InspectPromptConfig, cmd_inspect_prompt),
+    "harness": (HarnessConfig, cmd_harness),
+    "holistic": (HolisticConfig, cmd_holistic),
     "forgetting": (ForgettingConfig, cmd_forgetting),
 }
 

@@ -39,7 +39,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
 # Peak learning rates that work for each method (few parameters, or soft prompts, want larger steps).
-DEFAULT_LR = {"full": 5e-5, "lora": 2e-4, "dora": 2e-4, "qlora": 2e-4, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
               "ia3": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3, "selective": 1e-3}
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
 
@@ -102,7 +102,7 @@ class TrainConfig:
     max_steps: int | None = option(None, "Optimizer steps to run (overrides --epochs).")
     batch_size: int = option(8, "Examples per micro-batch.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
-    lr: float | None = option(None, "Peak learning rate. Default: the method's (full 5e-5; LoRA family 2e-4; adapter, ia3, "
+    lr: float | None = option(None, "Peak learning rate. Default: the method's (full 5e-5; LoRA family 1e-3; adapter, ia3, "
                                     "selective 1e-3; prefix 1e-2; prompt 3e-2).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
@@ -375,24 +375,55 @@ class ForgettingConfig:
 
 
 @dataclass
-class DemoConfig:
-    """``peftlab demo``: zero-shot baseline, fine-tune, evaluate again, on the embedded model and data."""
+class HarnessConfig:
+    """``peftlab harness``: benchmark tasks (MMLU, BBH, BIG-bench, task YAML) scored as lm-evaluation-harness does."""
 
-    out: str = option("runs/demo", "Folder for the demo's data, runs, predictions and report.")
+    model: str = option(REQUIRED, "Base model (local folder, hub id, .gguf file or alias).")
+    tasks: str = option(REQUIRED, "Comma-separated: mmlu, mmlu_<subject>, bbh, bbh_<task>, a task .yaml or a BIG-bench .json.")
+    adapter: str | None = option(None, "A PEFT adapter folder to apply to the model.")
+    num_fewshot: int | None = option(None, "Few-shot examples per prompt (default: each task's own).")
+    limit: int | None = option(None, "Evaluate at most this many documents per task.")
+    split: str | None = option(None, "Split evaluated (default: the task's, test for the built-ins; the shared MMLU copy has val).")
+    data_root: str | None = option(None, "Local copies: mmlu/{dev,val,test}/<subject>_<split>.csv, bbh/<task>.json (default: the hub).")
+    batch_size: int = option(8, "Requests per forward pass.")
+    max_gen_toks: int | None = option(None, "Generation tasks: tokens generated at most (default: the task's).")
+    out: str | None = option(None, "Folder for results.json.")
+    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
+    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "limit", "batch_size", "max_gen_toks")
+        _positive(self, "num_fewshot", allow_zero=True)
+
+
+@dataclass
+class HolisticConfig(HarnessConfig):
+    """``peftlab holistic``: HELM-style accuracy, calibration, robustness, fairness, bias, toxicity and efficiency."""
+
+    probe_tokens: int = option(32, "Tokens generated per bias/toxicity probe prompt.")
+    seed: int = option(0, "Seed of the perturbations.")
+
+
+@dataclass
+class DemoConfig:
+    """``peftlab demo``: zero-shot baseline, LoRA and full fine-tuning compared, on the embedded model and data."""
+
+    out: str = option("runs/demo", "Folder for the demo's runs, predictions and report.")
     model: str = option("smollm2-135m-instruct", "Base model (default: the embedded SmolLM2-135M-Instruct).")
     data: str = option("demo:dialogsum", "Data (default: the embedded generated dialogue-summarisation set).")
+    methods: str = option("base,lora,full", "What to compare (see peftlab compare --methods).")
     train_examples: int = option(240, "Training examples used.")
-    test_examples: int = option(40, "Held-out test examples evaluated.")
-    max_steps: int = option(30, "Optimizer steps of full fine-tuning.")
+    test_examples: int = option(30, "Held-out test examples evaluated.")
+    max_steps: int = option(24, "Optimizer steps of each fine-tuning method.")
     batch_size: int = option(8, "Examples per step.")
-    lr: float = option(5e-5, "Peak learning rate.")
     max_new_tokens: int = option(64, "Tokens generated per summary at most (greedy).")
     seed: int = option(42, "Seed.")
     device: str = option("auto", "cpu, cuda, cuda:N or auto.")
-    overwrite: bool = option(False, "Replace a demo already in --out.")
 
     def __post_init__(self) -> None:
-        _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "lr", "max_new_tokens")
+        _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------
