@@ -39,7 +39,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
 # Peak learning rates that work for each method (few parameters, or soft prompts, want larger steps).
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-2,
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-3,
               "ia3": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3, "selective": 1e-3}
 METHOD_NAMES = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
 
@@ -103,7 +103,7 @@ class TrainConfig:
     batch_size: int = option(8, "Examples per micro-batch.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
     lr: float | None = option(None, "Peak learning rate. Default: the method's (full 5e-5; LoRA family 1e-3; adapter, ia3, "
-                                    "selective 1e-3; prefix 1e-2; prompt 3e-2).")
+                                    "selective, prefix 1e-3; prompt 3e-2).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = option(0.05, "Fraction of the steps spent warming up linearly from 0.")

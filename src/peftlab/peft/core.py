@@ -283,9 +283,14 @@ class ParameterReport:
 
 
 def parameter_report(model: nn.Module) -> ParameterReport:
-    """Count each distinct parameter once (tied weights once), like peft's ``get_nb_trainable_parameters``."""
+    """Count each distinct parameter once (tied weights once), like peft's ``get_nb_trainable_parameters``.
+
+    A 4-bit layer keeps its weight as packed buffers, not a parameter; like peft (which counts a
+    packed 4-bit tensor's elements twice), we count the weight's logical ``out x in`` elements.
+    """
     params = list(model.parameters())
+    packed = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "weight_packed"))
     return ParameterReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),
-        total=sum(p.numel() for p in params),
+        total=sum(p.numel() for p in params) + packed,
     )
