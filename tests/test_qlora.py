@@ -211,3 +211,16 @@ def test_embedded_model_in_4bit(embedded_model_dir):
     print(f"embedded model: storage ratio {report.quantized.ratio:.3f}, logits relative error {error:.3f}, "
           f"top-1 agreement {agree:.2f} over {ids.shape[1]} tokens")
     assert error < 0.4 and agree > 0.7
+
+
+def test_parameter_report_counts_the_4bit_weights_as_peft_does(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.peft import LoraConfig, apply_qlora, parameter_report
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    before = sum(p.numel() for p in base.parameters())
+    model = apply_qlora(base, LoraConfig(rank=4), compute_dtype="float32")
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    report = parameter_report(model)
+    assert report.trainable == lora and report.total == before + lora
