@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.peft.core import adapter_modules, freeze_all_but_adapters, get_module, replace_module, select_modules
+from peftlab.peft.core import WrappedLinear, adapter_modules, freeze_all_but_adapters, get_module, replace_module, select_modules
 from peftlab.peft.io import AdapterFormat, register_format
 from peftlab.peft.lora import DTYPES
 
@@ -75,7 +75,7 @@ class BottleneckConfig:
             raise UserError(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-class BottleneckAdapter(nn.Module):
+class BottleneckAdapter(WrappedLinear):
     """A sublayer's output projection (frozen, as ``base_layer``) followed by a residual bottleneck."""
 
     def __init__(self, base_layer: nn.Linear, hidden: int, activation: str = "relu",
@@ -89,23 +89,6 @@ class BottleneckAdapter(nn.Module):
         self.adapter_up = nn.Linear(hidden, width, **factory)
         nn.init.zeros_(self.adapter_up.weight)  # identity at the start
         nn.init.zeros_(self.adapter_up.bias)
-
-    # The wrapped layer's attributes, for model code that reads them (HF T5 reads ``wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {f"adapter_{part}.{name}": p for part in ("down", "up")

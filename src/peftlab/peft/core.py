@@ -56,6 +56,32 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
 LAYER_PATTERN = re.compile(r"(?:^|\.)(layers|block|h)\.(\d+)(?:\.|$)")
 
 
+class WrappedLinear(nn.Module):
+    """Base of adapter layers that stand in for the layer they wrap (kept as ``self.base_layer``).
+
+    Model code that reads the layer's ``weight``, ``bias``, ``in_features`` or ``out_features``
+    (HF T5 reads ``wo.weight.dtype``) sees the wrapped layer's.
+    """
+
+    base_layer: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """What every adapter layer provides: its own trainable tensors, named relative to itself."""

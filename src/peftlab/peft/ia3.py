@@ -31,6 +31,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import (
+    WrappedLinear,
     REGEX_PREFIX,
     adapter_modules,
     freeze_all_but_adapters,
@@ -83,7 +84,7 @@ class IA3Config:
             raise UserError(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(WrappedLinear):
     """An ``nn.Linear`` (frozen, as ``base_layer``) whose output (or, feed-forward, input) is rescaled by ``ia3_l``."""
 
     def __init__(self, base_layer: nn.Linear, feedforward: bool, adapter_dtype: torch.dtype = torch.float32) -> None:
@@ -92,23 +93,6 @@ class IA3Linear(nn.Module):
         self.feedforward = feedforward
         shape = (1, base_layer.in_features) if feedforward else (base_layer.out_features, 1)  # peft's shapes
         self.ia3_l = nn.Parameter(torch.ones(shape, dtype=adapter_dtype, device=base_layer.weight.device))
-
-    # The wrapped layer's attributes, for model code that reads them (HF T5 reads ``wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"ia3_l": self.ia3_l}

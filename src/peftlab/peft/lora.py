@@ -44,6 +44,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import (
+    WrappedLinear,
     adapter_modules,
     freeze_all_but_adapters,
     get_module,
@@ -95,7 +96,7 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(WrappedLinear):
     """An ``nn.Linear`` (kept frozen as ``base_layer``) plus a LoRA / rsLoRA / DoRA update.
 
     Parameter names follow HF peft's (less the adapter name): ``lora_A.weight``, ``lora_B.weight``
@@ -128,23 +129,6 @@ class LoraLinear(nn.Module):
             self.lora_magnitude_vector = nn.Parameter(magnitude)
         self.merged = False
         self.register_buffer("_merge_norm", None, persistent=False)  # DoRA: n at merge time, for unmerge
-
-    # The wrapped layer's attributes, for model code that reads them (HF T5 reads ``wo.weight.dtype``).
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
