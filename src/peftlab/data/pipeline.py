@@ -26,6 +26,12 @@ class PreparedData:
     task: TaskTemplates
     splits: dict[str, list[Example]]  # "train", "validation", "test"
 
+    def examples(self, split: str) -> list[Example]:
+        """One split's examples, or every example in source order for ``"all"``."""
+        if split == "all":
+            return sorted((ex for rows in self.splits.values() for ex in rows), key=lambda ex: ex.index)
+        return self.splits[split]
+
 
 def prepare(source: str, template: str | None, fractions: str, seed: int) -> PreparedData:
     records = load_records(source)

@@ -57,11 +57,7 @@ def load_for_inference(model: str, adapter: str | None, dtype: str, device: str,
 def select_examples(config: EvalConfig) -> tuple[list[Example], list[Example]]:
     """(examples to evaluate, few-shot examples drawn from the training split)."""
     data = prepare(config.data, config.template, config.split_fractions, config.split_seed)
-    if config.split == "all":
-        examples = sorted((ex for rows in data.splits.values() for ex in rows), key=lambda ex: ex.index)
-    else:
-        examples = data.splits[config.split]
-    examples = examples[: config.limit]
+    examples = data.examples(config.split)[: config.limit]
     if not examples:
         raise UserError(f"the {config.split} split of {config.data} is empty; change --split or --split-fractions")
     shots: list[Example] = []

@@ -29,6 +29,7 @@ import yaml
 
 from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
+from peftlab.eval.evaluate import write_atomic
 
 MERGEABLE = ("lora", "dora", "qlora")
 EVAL_ONLY = ("base", "fewshot")
@@ -239,9 +240,7 @@ def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant],
             log(f"  {variant.label} not run: {e}")
             row = {"label": variant.label, "method": variant.method, "error": str(e)}
         row["folder"] = str(folder)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=2))
-        os.replace(tmp, done)
+        write_atomic(done, json.dumps(row, indent=2))
         rows.append(row)
     (out / "results.json").write_text(json.dumps({"kind": type(config).__name__, "rows": rows}, indent=2))
     from peftlab.experiment.report import write_report

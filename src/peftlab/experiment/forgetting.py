@@ -59,7 +59,7 @@ from peftlab.eval.evaluate import load_for_inference
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
 from peftlab.progress import ProgressFactory, silent
-from peftlab.training.loss import _plain_linear_head  # the same test completion_loss uses
+from peftlab.training.loss import plain_linear_head  # the same test completion_loss uses
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRICS = ("accuracy", *ROUGE_METRICS, "rouge", "bleu", "exact_match", "squad_exact_match")
@@ -216,11 +216,7 @@ def prepare_suite(items: Sequence[SuiteItem]) -> list[PreparedItem]:
     prepared = []
     for item in items:
         data = prepare(item.data, item.template, item.split_fractions, item.split_seed)
-        if item.split == "all":
-            examples = sorted((ex for rows in data.splits.values() for ex in rows), key=lambda ex: ex.index)
-        else:
-            examples = data.splits[item.split]
-        examples = examples[: item.limit]
+        examples = data.examples(item.split)[: item.limit]
         if not examples:
             raise UserError(f"suite task '{item.name}': the {item.split} split of {item.data} is empty; change split or split_fractions")
         metric = item.metric or ("accuracy" if data.task.task_type == "classification" and data.task.answer_choices
@@ -302,7 +298,7 @@ def _causal_scores(model, contexts, continuations, pad, device, max_length) -> l
     batch_index = torch.tensor([b for b, r in enumerate(rows) for _ in range(starts[b], len(r))], device=device)  # (N,)
     positions = torch.tensor([t - 1 for b, r in enumerate(rows) for t in range(starts[b], len(r))], device=device)  # (N,)
     targets = ids[batch_index, positions + 1]  # (N,)
-    if _plain_linear_head(model):  # the output head only where a choice token is predicted
+    if plain_linear_head(model):  # the output head only where a choice token is predicted
         hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
         logits = model.get_output_embeddings()(hidden[batch_index, positions])  # (N, V)
     else:

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from peftlab.data.encode import IGNORE_INDEX
 
 
-def _plain_linear_head(model) -> bool:
+def plain_linear_head(model) -> bool:
+    """Whether the model's logits are just its output Linear applied to the last hidden state."""
     config = model.config
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
@@ -42,7 +43,7 @@ def completion_loss(model, batch: dict[str, torch.Tensor], is_seq2seq: bool) -> 
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], decoder_input_ids=decoder_input_ids
         ).logits  # (B, T_target, V)
         targets = labels
-    elif _plain_linear_head(model):
+    elif plain_linear_head(model):
         hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = labels[:, 1:]  # (B, T-1)
         keep = targets != IGNORE_INDEX
