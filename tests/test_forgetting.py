@@ -15,6 +15,7 @@ from peftlab.config import EvalConfig
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
 from peftlab.eval.evaluate import evaluate
+from peftlab.eval.harness.metrics import token_f1
 from peftlab.experiment.forgetting import (
     DEMO_SUITE,
     SuiteItem,
@@ -25,6 +26,7 @@ from peftlab.experiment.forgetting import (
     forgetting_report,
     load_suite,
     prepare_suite,
+    score_item,
     squad_normalize,
 )
 from peftlab.models import LoadedModel
@@ -77,6 +79,17 @@ def test_squad_normalize():
     assert squad_normalize("by bus.") == "by bus" and squad_normalize("An apple, a pear") == "apple pear"
 
 
+def test_squad_f1_gives_credit_for_an_answer_inside_a_sentence(tiny_llama_dir):
+    # "Leila has a hamster named Ziggy." vs "hamster": 1 common token of 5 predicted ("a" dropped), 1 of 1 reference
+    assert token_f1("Leila has a hamster named Ziggy.", "hamster") == pytest.approx(2 * 0.2 * 1.0 / 1.2)
+    assert token_f1("The hamster!", "hamster") == 1.0 and token_f1("a dog", "hamster") == 0.0
+    (qa,) = prepare_suite([SuiteItem("qa", "demo:qa", "qa", metric="squad_f1", limit=2, max_new_tokens=4)])
+    score = score_item(loaded_from(tiny_llama_dir), qa, chat=False)
+    expected = sum(token_f1(p, ex.completion) for p, ex in zip(score.predictions, qa.examples)) / 2
+    assert score.metric == "squad_f1" and score.value == pytest.approx(expected)
+    assert score.references == [ex.completion for ex in qa.examples]
+
+
 def write_suite(tmp_path, items, **extra) -> str:
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump({**extra, "suite": items}))
@@ -113,6 +126,10 @@ def test_model_against_itself_gives_zero_deltas_and_matches_peftlab_eval(tiny_ll
     assert report.rows[1].before == right / len(stars.examples)
     table = report.table()
     assert "| stars | accuracy | 10 |" in table and "+0.0000" in table
+    # the first examples side by side: the reference, the base's answer and the tuned model's
+    first = report.rows[1].examples[0]
+    assert len(report.rows[1].examples) == 3 and first["reference"] == stars.examples[0].completion
+    assert first["before"] == first["after"] and f"| stars | {first['reference']} |" in report.examples_table()
     assert json.loads(json.dumps(report.to_dict()))["rows"][0]["task"] == "summaries"
 
 
@@ -182,7 +199,7 @@ def test_builtin_demo_suite_prepares_every_task():
     items[0].limit = 1  # a copy: the built-in list is not changed
     assert DEMO_SUITE[0].limit == 16
     prepared = prepare_suite(load_suite("demo")[0])
-    assert [p.metric for p in prepared] == ["rougeL", "accuracy", "accuracy", "exact_match", "squad_exact_match"]
+    assert [p.metric for p in prepared] == ["rougeL", "accuracy", "accuracy", "bleu", "squad_f1"]
     assert [len(p.examples) for p in prepared] == [16, 40, 40, 24, 24]
     for p in prepared:  # held out from a training run with the default split
         train = prepare(p.item.data, p.item.template, "0.8,0.1,0.1", 0).splits["train"]

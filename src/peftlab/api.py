@@ -172,7 +172,7 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
                                max_length=config.max_length, trust_pickle=config.trust_pickle, progress=progress, log=log)
     out.mkdir(parents=True, exist_ok=True)
     _evaluate.write_atomic(out / "forgetting.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    _evaluate.write_atomic(out / "forgetting.md", report.table() + "\n")
+    _evaluate.write_atomic(out / "forgetting.md", f"{report.table()}\n\nExamples:\n\n{report.examples_table()}\n")
     return report
 
 

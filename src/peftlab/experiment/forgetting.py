@@ -34,6 +34,11 @@ Metrics (all in [0, 1]):
 - ``exact_match``: the generated text equals the target after collapsing whitespace.
 - ``squad_exact_match``: equal after SQuAD's normalisation (lower case; punctuation, articles and
   extra spaces removed).
+- ``squad_f1``: SQuAD's bag-of-words F1 of those normalised tokens, averaged over examples. Graded,
+  so it sees a model that still gives the answer inside a longer sentence, and one that stops giving it.
+
+A metric at its floor cannot drop: the built-in suite scores QA with ``squad_f1`` and the
+arithmetic-to-Python task with ``bleu``, where the chat model's verbose answers score above zero.
 
 Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forward pass per
 (prompt, choice) pair, logits computed only at the choice's positions).
@@ -41,8 +46,6 @@ Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forwar
 
 from __future__ import annotations
 
-import re
-import string
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,12 +60,15 @@ from peftlab.data.templates import TaskTemplates
 from peftlab.errors import UserError
 from peftlab.eval.evaluate import load_for_inference
 from peftlab.eval.generate import generate
+from peftlab.eval.harness.metrics import squad_tokens, token_f1
 from peftlab.eval.score import score
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training.loss import plain_linear_head  # the same test completion_loss uses
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
-METRICS = ("accuracy", *ROUGE_METRICS, "rouge", "bleu", "exact_match", "squad_exact_match")
+METRICS = ("accuracy", *ROUGE_METRICS, "rouge", "bleu", "exact_match", "squad_exact_match", "squad_f1")
+EXAMPLES_SAVED = 3
+"""Predictions per task kept in the report, before and after side by side."""
 DEFAULT_THRESHOLD = 0.05
 
 
@@ -87,8 +93,8 @@ DEMO_SUITE = [
     SuiteItem("dialogsum", "demo:dialogsum", "dialogsum", metric="rougeL", limit=16, max_new_tokens=64),
     SuiteItem("review_rating", "demo:reviews", "review_rating", metric="accuracy", limit=40),
     SuiteItem("sentiment", "demo:reviews", "sentiment", metric="accuracy", limit=40),
-    SuiteItem("python", "demo:python", "python", metric="exact_match", limit=24, max_new_tokens=32),
-    SuiteItem("qa", "demo:qa", "qa", metric="squad_exact_match", limit=24, max_new_tokens=16),
+    SuiteItem("python", "demo:python", "python", metric="bleu", limit=24, max_new_tokens=32),
+    SuiteItem("qa", "demo:qa", "qa", metric="squad_f1", limit=24, max_new_tokens=16),
 ]
 BUILTIN_SUITES = {"demo": DEMO_SUITE}
 
@@ -101,6 +107,7 @@ class TaskScore:
     num_examples: int
     predictions: list[str] = field(default_factory=list)
     """Generated texts, or the chosen answer choice of each example."""
+    references: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +121,8 @@ class ForgettingRow:
     flagged: bool
     """``delta < -threshold``: the tuned model lost more than the threshold on this task."""
     num_examples: int
+    examples: list[dict] = field(default_factory=list)
+    """The first few examples: ``{"reference", "before", "after"}`` (prediction or chosen answer)."""
 
 
 @dataclass
@@ -137,6 +146,16 @@ class ForgettingReport:
         for r in self.rows:
             flag = f"drop > {self.threshold:g}" if r.flagged else ""
             lines.append(f"| {r.task} | {r.metric} | {r.num_examples} | {r.before:.4f} | {r.after:.4f} | {r.delta:+.4f} | {flag} |")
+        return "\n".join(lines)
+
+    def examples_table(self) -> str:
+        """A Markdown table of the saved examples: the reference, then the base's and the tuned model's answer."""
+        def cell(text: str) -> str:
+            return " ".join(str(text).split()).replace("|", "\\|")[:160]
+
+        lines = ["| task | reference | before | after |", "|---|---|---|---|"]
+        for r in self.rows:
+            lines += [f"| {r.task} | {cell(e['reference'])} | {cell(e['before'])} | {cell(e['after'])} |" for e in r.examples]
         return "\n".join(lines)
 
 
@@ -328,8 +347,7 @@ def _collapse(text: str) -> str:
 
 def squad_normalize(text: str) -> str:
     """SQuAD v1.1's answer normalisation: lower case, no punctuation, no articles, single spaces."""
-    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
-    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+    return " ".join(squad_tokens(text))
 
 
 def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 8, max_length: int = 512,
@@ -344,7 +362,7 @@ def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 
                                         batch_size=batch_size, max_length=max_length)  # fmt: skip
         predictions = [choices[max(range(len(choices)), key=row.__getitem__)] for row in logliks]
         value = sum(p == r for p, r in zip(predictions, references)) / len(examples)
-        return TaskScore(prepared.item.name, metric, value, len(examples), predictions)
+        return TaskScore(prepared.item.name, metric, value, len(examples), predictions, references)
     predictions = generate(model, tokenizer, prompts, is_seq2seq=is_seq2seq, chat=chat,
                            max_new_tokens=prepared.item.max_new_tokens, max_length=max_length,
                            batch_size=batch_size, progress=progress).texts  # fmt: skip
@@ -352,9 +370,11 @@ def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 
         value = score(predictions, references).aggregate[metric]
     elif metric == "exact_match":
         value = sum(_collapse(p) == _collapse(r) for p, r in zip(predictions, references)) / len(examples)
+    elif metric == "squad_f1":
+        value = sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(examples)
     else:  # squad_exact_match
         value = sum(squad_normalize(p) == squad_normalize(r) for p, r in zip(predictions, references)) / len(examples)
-    return TaskScore(prepared.item.name, metric, float(value), len(examples), predictions)
+    return TaskScore(prepared.item.name, metric, float(value), len(examples), predictions, references)
 
 
 def evaluate_suite(loaded, prepared: Sequence[PreparedItem], *, chat_template: str = "auto", batch_size: int = 8,
@@ -376,7 +396,9 @@ def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], th
     for name, b in before.items():
         a = after[name]
         delta = a.value - b.value
-        rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples))
+        examples = [{"reference": r, "before": p, "after": q}
+                    for r, p, q in zip(b.references, b.predictions, a.predictions)][:EXAMPLES_SAVED]  # fmt: skip
+        rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples, examples))
     return ForgettingReport(rows, threshold, base, tuned)
 
 

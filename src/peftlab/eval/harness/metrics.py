@@ -114,7 +114,8 @@ def exact_match(prediction: str, reference: str, regexes_to_ignore: Sequence[str
     return float(pred == ref)
 
 
-def _squad_tokens(text: str) -> list[str]:
+def squad_tokens(text: str) -> list[str]:
+    """SQuAD v1.1's normalised answer tokens: lower case, no punctuation, no articles."""
     text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return text.split()
@@ -122,7 +123,7 @@ def _squad_tokens(text: str) -> list[str]:
 
 def token_f1(prediction: str, reference: str) -> float:
     """SQuAD's bag-of-words F1 between a prediction and one reference."""
-    pred, ref = _squad_tokens(prediction), _squad_tokens(reference)
+    pred, ref = squad_tokens(prediction), squad_tokens(reference)
     if not pred or not ref:
         return float(pred == ref)
     common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
