@@ -33,6 +33,7 @@ from peftlab.eval import evaluate as _evaluate
 from peftlab.eval.generate import generate as _generate
 from peftlab.eval.score import ScoreReport, read_texts, score
 from peftlab.errors import UserError
+from peftlab.io import write_atomic
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training import checkpoint as ckpt
 from peftlab.training.loop import TrainResult
@@ -78,9 +79,9 @@ def score_files(config: ScoreConfig | None = None, **options) -> ScoreReport:
     if config.json:
         payload = {**report.aggregate, "bleu_signature": report.bleu_signature, "num_examples": report.num_examples,
                    "use_stemmer": report.use_stemmer, "intervals": {k: list(v) for k, v in report.intervals.items()}}
-        _evaluate.write_atomic(Path(config.json), json.dumps(payload, indent=2) + "\n")
+        write_atomic(Path(config.json), json.dumps(payload, indent=2) + "\n")
     if config.per_example:
-        _evaluate.write_atomic(Path(config.per_example), "".join(json.dumps(row) + "\n" for row in report.per_example))
+        write_atomic(Path(config.per_example), "".join(json.dumps(row) + "\n" for row in report.per_example))
     return report
 
 
@@ -171,8 +172,8 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
                                chat_template=config.chat_template, batch_size=config.batch_size,
                                max_length=config.max_length, trust_pickle=config.trust_pickle, progress=progress, log=log)
     out.mkdir(parents=True, exist_ok=True)
-    _evaluate.write_atomic(out / "forgetting.json", json.dumps(report.to_dict(), indent=2) + "\n")
-    _evaluate.write_atomic(out / "forgetting.md", f"{report.table()}\n\nExamples:\n\n{report.examples_table()}\n")
+    write_atomic(out / "forgetting.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    write_atomic(out / "forgetting.md", f"{report.table()}\n\nExamples:\n\n{report.examples_table()}\n")
     return report
 
 

@@ -10,7 +10,6 @@ leaves a half-written file, and existing results are only replaced with ``--over
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from peftlab.config import EvalConfig, to_dict
 from peftlab.data.encode import format_prompt, uses_chat_template
 from peftlab.data.pipeline import Example, prepare
 from peftlab.errors import UserError
+from peftlab.io import write_atomic
 from peftlab.memory import peak_memory
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
@@ -94,12 +94,6 @@ def build_prompts(tokenizer, examples: list[Example], shots: list[Example], budg
         prompts.append(text)
         lengths.append(n)
     return FewShotPrompts(prompts, lengths, dropped)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callable[[str], None] = lambda _: None,

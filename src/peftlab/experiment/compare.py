@@ -29,7 +29,7 @@ import yaml
 
 from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
-from peftlab.eval.evaluate import write_atomic
+from peftlab.io import write_atomic
 
 MERGEABLE = ("lora", "dora", "qlora")
 EVAL_ONLY = ("base", "fewshot")

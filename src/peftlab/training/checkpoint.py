@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peftlab.errors import UserError
+from peftlab.io import write_json
 
 RUN_MARKER = "run.json"
 
@@ -76,12 +77,6 @@ class RunFolder:
             shutil.rmtree(self.work, ignore_errors=True)
         elif self.created and latest_checkpoint(self.work / "checkpoints") is None:
             shutil.rmtree(self.work, ignore_errors=True)
-
-
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:

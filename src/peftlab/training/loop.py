@@ -32,6 +32,7 @@ from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_temp
 from peftlab.data.mixtures import prepare_mixture
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
+from peftlab.io import write_json
 from peftlab.memory import peak_memory
 from peftlab.models import load_model
 from peftlab.peft import virtual_token_count
@@ -209,7 +210,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
         "data": {**data_info, "train_used": len(train_set), "chat_template": chat},
         "total_steps": total_steps,
     }
-    ckpt.write_json(work / ckpt.RUN_MARKER, info)
+    write_json(work / ckpt.RUN_MARKER, info)
     metrics_file = (work / "metrics.jsonl").open("a")
     tensorboard = _tensorboard(work)
 
@@ -295,7 +296,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
                                            "eval_loss": eval_loss, "seconds": seconds,
                                            "tokens_per_second": seen_tokens / seconds if seconds else 0.0,
                                            "peak_memory": peak_memory(device)})
-    ckpt.write_json(work / ckpt.RUN_MARKER, info)
+    write_json(work / ckpt.RUN_MARKER, info)
     return TrainResult(work, work / "final", step, info["result"]["train_loss"], eval_loss, seconds,
                        info["result"]["tokens_per_second"], methods.report_dict(report))
 

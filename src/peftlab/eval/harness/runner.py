@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peftlab.errors import UserError
+from peftlab.io import write_atomic
 from peftlab.eval.harness import metrics as M
 from peftlab.eval.harness.families import resolve_tasks
 from peftlab.eval.harness.scoring import generate_until, loglikelihoods
@@ -319,7 +320,6 @@ def run_harness(
 
 def write_results(result, path: str | Path, include_items: bool = True) -> Path:
     """Write a :class:`HarnessResult` (or a holistic result, anything with ``to_dict``) as JSON, atomically."""
-    from peftlab.eval.evaluate import write_atomic
 
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
