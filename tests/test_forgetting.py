@@ -179,7 +179,7 @@ def test_a_damaged_model_is_flagged(kind, tiny_llama_dir, tiny_t5_dir, tmp_path)
     assert (happy.before, happy.after, happy.delta, happy.flagged) == (1.0, 0.0, -1.0, True)
     assert summaries.delta == summaries.after - summaries.before
     assert summaries.flagged == (summaries.delta < -0.05)
-    assert report.flagged[0] is happy and "drop > 0.05" in report.table()
+    assert report.flagged[0] is happy and "| 1.0000 | 0.0000 | -1.0000 | -100.0% | drop > 0.05 |" in report.table()
 
 
 def test_threshold_rule():

@@ -3,8 +3,8 @@
 #
 #   recipes/forgetting/run.sh [OUT_DIR]   (MODEL=..., STEPS=..., FULL_LR=..., LAMBDA=... change the defaults)
 #
-# Four runs with the same budget (STEPS optimizer steps of 8 examples, seed 42; 80 steps = two
-# epochs of the 320 training summaries; full fine-tuning at FULL_LR, LoRA at its default 1e-3):
+# Four runs with the same budget (STEPS optimizer steps of 8 examples, seed 42; 40 steps = one
+# epoch of the 320 training summaries; full fine-tuning at FULL_LR, LoRA at its default 1e-3):
 #   single  full fine-tuning on summarisation only           (the course notes: may forget other tasks)
 #   multi   full fine-tuning on a mixture of four tasks       (FLAN-style multi-task instruction tuning)
 #   lora    LoRA on summarisation only                        (PEFT: the base weights stay frozen)
@@ -14,8 +14,8 @@
 set -euo pipefail
 out=${1:-runs/forgetting}
 model=${MODEL:-smollm2-135m-instruct}
-steps=${STEPS:-80}
-full_lr=${FULL_LR:-1e-4}
+steps=${STEPS:-40}
+full_lr=${FULL_LR:-2e-4}
 lambda=${LAMBDA:-10}
 peftlab=${PEFTLAB:-peftlab}
 common=(--model "$model" --max-steps "$steps" --batch-size 8 --seed 42 --save-every 0 --eval-limit 16 --overwrite)

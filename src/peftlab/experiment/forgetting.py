@@ -142,10 +142,12 @@ class ForgettingReport:
 
     def table(self) -> str:
         """A Markdown table, one row per task."""
-        lines = ["| task | metric | n | before | after | delta | |", "|---|---|---:|---:|---:|---:|---|"]
+        lines = ["| task | metric | n | before | after | delta | delta % | |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in self.rows:
             flag = f"drop > {self.threshold:g}" if r.flagged else ""
-            lines.append(f"| {r.task} | {r.metric} | {r.num_examples} | {r.before:.4f} | {r.after:.4f} | {r.delta:+.4f} | {flag} |")
+            relative = f"{100 * r.delta / r.before:+.1f}%" if r.before else "-"  # a small base makes small deltas large
+            lines.append(f"| {r.task} | {r.metric} | {r.num_examples} | {r.before:.4f} | {r.after:.4f} | {r.delta:+.4f} "
+                         f"| {relative} | {flag} |")  # fmt: skip
         return "\n".join(lines)
 
     def examples_table(self) -> str:
