@@ -25,6 +25,7 @@ from peftlab.experiment.forgetting import (
     evaluate_suite,
     forgetting_report,
     load_suite,
+    paired_stderr,
     prepare_suite,
     score_item,
     squad_normalize,
@@ -177,9 +178,22 @@ def test_a_damaged_model_is_flagged(kind, tiny_llama_dir, tiny_t5_dir, tmp_path)
     report = compare_scores(before, after, threshold=0.05)
     happy, summaries = report.rows
     assert (happy.before, happy.after, happy.delta, happy.flagged) == (1.0, 0.0, -1.0, True)
+    assert happy.delta_stderr == 0.0  # every example went from right to wrong: no doubt about it
     assert summaries.delta == summaries.after - summaries.before
     assert summaries.flagged == (summaries.delta < -0.05)
-    assert report.flagged[0] is happy and "| 1.0000 | 0.0000 | -1.0000 | -100.0% | drop > 0.05 |" in report.table()
+    assert report.flagged[0] is happy and "| 1.0000 | 0.0000 | -1.0000 | 0.0000 | -100.0% | drop > 0.05 |" in report.table()
+
+
+def test_paired_standard_error_by_hand():
+    # differences -1, 0, 0, 1: mean 0, sample variance 2/3, standard error sqrt(2/3 / 4)
+    assert paired_stderr([1, 0, 1, 0], [0, 0, 1, 1]) == pytest.approx((2 / 3 / 4) ** 0.5)
+    assert paired_stderr([1, 1, 1], [0, 0, 0]) == 0.0 and paired_stderr([0.5], [0.2]) == 0.0
+    before = {"a": TaskScore("a", "accuracy", 0.5, 4, per_example=[1, 0, 1, 0])}
+    after = {"a": TaskScore("a", "accuracy", 0.5, 4, per_example=[0, 0, 1, 1])}
+    (row,) = compare_scores(before, after).rows
+    assert row.delta_stderr == pytest.approx(0.4082, abs=1e-4) and "| 0.4082 |" in compare_scores(before, after).table()
+    corpus = {"b": TaskScore("b", "bleu", 0.3, 4)}  # corpus BLEU has no per-example scores
+    assert compare_scores(corpus, corpus).rows[0].delta_stderr is None
 
 
 def test_threshold_rule():

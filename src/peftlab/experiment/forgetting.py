@@ -8,6 +8,8 @@ Both models answer the same examples of every task of a *suite*; each row gives 
 before (base model) and after (tuned model: a full fine-tuning folder, or the base model with a
 PEFT adapter), the change ``delta = after - before``, and a flag when the drop is beyond the
 threshold (``delta < -threshold``, in metric units: 0.05 is five ROUGE or accuracy points).
+Each row also gives the paired standard error of the delta (both models answer the same examples)
+so that a drop within noise is seen as such: at 40 examples one answer is 0.025 of accuracy.
 
 A suite is ``demo`` (the built-in suite over the embedded demo tasks, :data:`DEMO_SUITE`), a list
 of :class:`SuiteItem`, or a YAML file::
@@ -108,6 +110,8 @@ class TaskScore:
     predictions: list[str] = field(default_factory=list)
     """Generated texts, or the chosen answer choice of each example."""
     references: list[str] = field(default_factory=list)
+    per_example: list[float] | None = None
+    """Each example's score (the metric's mean is ``value``); None for corpus BLEU, which is not a mean."""
 
 
 @dataclass
@@ -121,6 +125,9 @@ class ForgettingRow:
     flagged: bool
     """``delta < -threshold``: the tuned model lost more than the threshold on this task."""
     num_examples: int
+    delta_stderr: float | None = None
+    """Standard error of ``delta`` from the paired per-example differences (same examples before and after):
+    ``sd(after_i - before_i) / sqrt(n)``; None for corpus BLEU. A delta within ~2 of these is noise."""
     examples: list[dict] = field(default_factory=list)
     """The first few examples: ``{"reference", "before", "after"}`` (prediction or chosen answer)."""
 
@@ -142,12 +149,14 @@ class ForgettingReport:
 
     def table(self) -> str:
         """A Markdown table, one row per task."""
-        lines = ["| task | metric | n | before | after | delta | delta % | |", "|---|---|---:|---:|---:|---:|---:|---|"]
+        lines = ["| task | metric | n | before | after | delta | ± s.e. | delta % | |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in self.rows:
             flag = f"drop > {self.threshold:g}" if r.flagged else ""
             relative = f"{100 * r.delta / r.before:+.1f}%" if r.before else "-"  # a small base makes small deltas large
+            stderr = f"{r.delta_stderr:.4f}" if r.delta_stderr is not None else "-"
             lines.append(f"| {r.task} | {r.metric} | {r.num_examples} | {r.before:.4f} | {r.after:.4f} | {r.delta:+.4f} "
-                         f"| {relative} | {flag} |")  # fmt: skip
+                         f"| {stderr} | {relative} | {flag} |")  # fmt: skip
         return "\n".join(lines)
 
     def examples_table(self) -> str:
@@ -363,20 +372,26 @@ def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 
         logliks = choice_loglikelihoods(model, tokenizer, prompts, choices, is_seq2seq, chat=chat,
                                         batch_size=batch_size, max_length=max_length)  # fmt: skip
         predictions = [choices[max(range(len(choices)), key=row.__getitem__)] for row in logliks]
-        value = sum(p == r for p, r in zip(predictions, references)) / len(examples)
-        return TaskScore(prepared.item.name, metric, value, len(examples), predictions, references)
+        per_example = [float(p == r) for p, r in zip(predictions, references)]
+        return TaskScore(prepared.item.name, metric, sum(per_example) / len(examples), len(examples), predictions,
+                         references, per_example)  # fmt: skip
     predictions = generate(model, tokenizer, prompts, is_seq2seq=is_seq2seq, chat=chat,
                            max_new_tokens=prepared.item.max_new_tokens, max_length=max_length,
                            batch_size=batch_size, progress=progress).texts  # fmt: skip
-    if metric in ROUGE_METRICS or metric == "bleu":
-        value = score(predictions, references).aggregate[metric]
-    elif metric == "exact_match":
-        value = sum(_collapse(p) == _collapse(r) for p, r in zip(predictions, references)) / len(examples)
-    elif metric == "squad_f1":
-        value = sum(token_f1(p, r) for p, r in zip(predictions, references)) / len(examples)
-    else:  # squad_exact_match
-        value = sum(squad_normalize(p) == squad_normalize(r) for p, r in zip(predictions, references)) / len(examples)
-    return TaskScore(prepared.item.name, metric, float(value), len(examples), predictions, references)
+    per_example: list[float] | None
+    if metric == "bleu":  # corpus BLEU: n-gram counts pooled over examples, not a mean of per-example scores
+        value, per_example = score(predictions, references).aggregate["bleu"], None
+    else:
+        if metric in ROUGE_METRICS:
+            per_example = [row[metric]["fmeasure"] for row in score(predictions, references).per_example]
+        elif metric == "exact_match":
+            per_example = [float(_collapse(p) == _collapse(r)) for p, r in zip(predictions, references)]
+        elif metric == "squad_f1":
+            per_example = [token_f1(p, r) for p, r in zip(predictions, references)]
+        else:  # squad_exact_match
+            per_example = [float(squad_normalize(p) == squad_normalize(r)) for p, r in zip(predictions, references)]
+        value = sum(per_example) / len(examples)
+    return TaskScore(prepared.item.name, metric, float(value), len(examples), predictions, references, per_example)
 
 
 def evaluate_suite(loaded, prepared: Sequence[PreparedItem], *, chat_template: str = "auto", batch_size: int = 8,
@@ -385,6 +400,16 @@ def evaluate_suite(loaded, prepared: Sequence[PreparedItem], *, chat_template: s
     chat = uses_chat_template(loaded.tokenizer, chat_template)
     return {p.item.name: score_item(loaded, p, chat=chat, batch_size=batch_size, max_length=max_length, progress=progress)
             for p in prepared}  # fmt: skip
+
+
+def paired_stderr(before: Sequence[float], after: Sequence[float]) -> float:
+    """Standard error of the mean of ``after_i - before_i`` (sample standard deviation, n - 1); 0 for one example."""
+    diffs = [a - b for b, a in zip(before, after)]
+    n = len(diffs)
+    if n < 2:
+        return 0.0
+    mean = sum(diffs) / n
+    return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
 
 
 def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], threshold: float = DEFAULT_THRESHOLD,
@@ -400,7 +425,8 @@ def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], th
         delta = a.value - b.value
         examples = [{"reference": r, "before": p, "after": q}
                     for r, p, q in zip(b.references, b.predictions, a.predictions)][:EXAMPLES_SAVED]  # fmt: skip
-        rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples, examples))
+        stderr = paired_stderr(b.per_example, a.per_example) if b.per_example and a.per_example else None
+        rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples, stderr, examples))
     return ForgettingReport(rows, threshold, base, tuned)
 
 
