@@ -24,6 +24,7 @@ from peftlab.experiment.forgetting import (
     compare_scores,
     evaluate_suite,
     forgetting_report,
+    bleu_delta_stderr,
     load_suite,
     paired_stderr,
     prepare_suite,
@@ -192,8 +193,19 @@ def test_paired_standard_error_by_hand():
     after = {"a": TaskScore("a", "accuracy", 0.5, 4, per_example=[0, 0, 1, 1])}
     (row,) = compare_scores(before, after).rows
     assert row.delta_stderr == pytest.approx(0.4082, abs=1e-4) and "| 0.4082 |" in compare_scores(before, after).table()
-    corpus = {"b": TaskScore("b", "bleu", 0.3, 4)}  # corpus BLEU has no per-example scores
+    corpus = {"b": TaskScore("b", "bleu", 0.3, 4)}  # no per-example scores and no texts: nothing to resample
     assert compare_scores(corpus, corpus).rows[0].delta_stderr is None
+
+
+def test_bleu_delta_stderr_is_a_paired_bootstrap():
+    refs = ["the cat sat on the mat", "a dog ran in the park", "it is raining today", "we like green tea"]
+    assert bleu_delta_stderr(refs, refs, refs) == 0.0  # identical answers: every resample's delta is 0
+    worse = ["the cat sat", "a dog", "it is raining today", "we like green tea"]
+    spread = bleu_delta_stderr(refs, worse, refs, resamples=200)
+    assert 0.0 < spread < 1.0 and spread == bleu_delta_stderr(refs, worse, refs, resamples=200)  # seeded
+    before = {"b": TaskScore("b", "bleu", 1.0, 4, refs, refs)}
+    after = {"b": TaskScore("b", "bleu", 0.5, 4, worse, refs)}
+    assert compare_scores(before, after).rows[0].delta_stderr == pytest.approx(bleu_delta_stderr(refs, worse, refs))
 
 
 def test_threshold_rule():

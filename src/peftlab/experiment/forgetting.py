@@ -48,6 +48,7 @@ Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forwar
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,7 @@ from peftlab.data.splits import SPLITS
 from peftlab.data.templates import TaskTemplates
 from peftlab.errors import UserError
 from peftlab.eval.evaluate import load_for_inference
+from peftlab.eval.bleu import corpus_bleu
 from peftlab.eval.generate import generate
 from peftlab.eval.harness.metrics import squad_tokens, token_f1
 from peftlab.eval.score import score
@@ -126,8 +128,9 @@ class ForgettingRow:
     """``delta < -threshold``: the tuned model lost more than the threshold on this task."""
     num_examples: int
     delta_stderr: float | None = None
-    """Standard error of ``delta`` from the paired per-example differences (same examples before and after):
-    ``sd(after_i - before_i) / sqrt(n)``; None for corpus BLEU. A delta within ~2 of these is noise."""
+    """Standard error of ``delta`` over the examples (the same examples before and after): for a mean metric
+    ``sd(after_i - before_i) / sqrt(n)``; for corpus BLEU the spread of the delta over paired bootstrap
+    resamples of the examples. A delta within about two of these is noise."""
     examples: list[dict] = field(default_factory=list)
     """The first few examples: ``{"reference", "before", "after"}`` (prediction or chosen answer)."""
 
@@ -412,6 +415,19 @@ def paired_stderr(before: Sequence[float], after: Sequence[float]) -> float:
     return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
 
 
+def bleu_delta_stderr(before: Sequence[str], after: Sequence[str], references: Sequence[str],
+                      resamples: int = 1000, seed: int = 0) -> float:
+    """Standard deviation of ``BLEU(after) - BLEU(before)`` over paired bootstrap resamples of the examples."""
+    rng = random.Random(seed)
+    n, deltas = len(references), []
+    for _ in range(resamples):
+        pick = [rng.randrange(n) for _ in range(n)]
+        refs = [references[i] for i in pick]
+        deltas.append(corpus_bleu([after[i] for i in pick], refs)[0] - corpus_bleu([before[i] for i in pick], refs)[0])
+    mean = sum(deltas) / resamples
+    return (sum((d - mean) ** 2 for d in deltas) / (resamples - 1)) ** 0.5
+
+
 def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], threshold: float = DEFAULT_THRESHOLD,
                    base: str = "", tuned: str = "") -> ForgettingReport:
     """Per-task before / after / delta rows, flagged where ``delta < -threshold``."""
@@ -425,7 +441,12 @@ def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], th
         delta = a.value - b.value
         examples = [{"reference": r, "before": p, "after": q}
                     for r, p, q in zip(b.references, b.predictions, a.predictions)][:EXAMPLES_SAVED]  # fmt: skip
-        stderr = paired_stderr(b.per_example, a.per_example) if b.per_example and a.per_example else None
+        if b.per_example and a.per_example:
+            stderr = paired_stderr(b.per_example, a.per_example)
+        elif b.metric == "bleu" and b.references and len(b.predictions) == len(a.predictions) == len(b.references):
+            stderr = bleu_delta_stderr(b.predictions, a.predictions, b.references)
+        else:
+            stderr = None
         rows.append(ForgettingRow(name, b.metric, b.value, a.value, delta, delta < -threshold, b.num_examples, stderr, examples))
     return ForgettingReport(rows, threshold, base, tuned)
 
