@@ -118,6 +118,23 @@ def test_toxicity_counts_flagged_generations_by_whole_words():
 # ------------------------------------------------------------------------------------- end to end
 
 
+def test_robustness_and_fairness_are_per_item_worst_cases():
+    # right on the original and on one perturbation, wrong on another: that item counts as wrong
+    original, lowercase_variant, dialect_variant = [1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0]
+    assert H.worst_case(original, lowercase_variant) == [1, 0, 0, 1]
+    assert H.worst_case(original, lowercase_variant, dialect_variant) == [1, 0, 0, 0]
+    assert H.worst_case(original, original) == original  # a perturbation that changes nothing costs nothing
+    assert H.worst_case([1, None], [0, 1]) == [0, None]  # an item without a per-item score stays unscored
+
+
+def test_efficiency_numbers_by_hand():
+    numbers = H.efficiency_numbers(gen_tokens=100, gen_seconds=2.0, mc_items=30, mc_seconds=6.0)
+    assert numbers["tokens_per_second"] == 50.0 and numbers["seconds_per_output_token"] == 0.02
+    assert numbers["mc_items_per_second"] == 5.0
+    nothing = H.efficiency_numbers(0, 0.0, 0, 0.0)
+    assert nothing["tokens_per_second"] is None and nothing["seconds_per_output_token"] is None
+
+
 def test_holistic_report_end_to_end(tiny_llama_dir, shared_data, tmp_path):
     report = H.run_holistic(str(tiny_llama_dir), ["mmlu_anatomy", "bbh_boolean_expressions"], data_root=shared_data,
                             split="val", limit=6, max_gen_toks=4, probe_tokens=6, probes=["The doctor said", "He and his"])

@@ -275,9 +275,21 @@ class HolisticResult:
         return rows
 
 
-def _worst_case(*scores: Sequence[float | None]) -> list[float | None]:
-    """Per item, the lowest score over the variants (None when an item has no per-item score)."""
+def worst_case(*scores: Sequence[float | None]) -> list[float | None]:
+    """Per item, the lowest score over the variants (None when an item has no per-item score):
+    ``worst_case([1, 1, 0], [1, 0, 0]) == [1, 0, 0]``, robustness 1/3 where accuracy was 2/3."""
     return [None if None in values else min(values) for values in zip(*scores)]
+
+
+def efficiency_numbers(gen_tokens: int, gen_seconds: float, mc_items: int, mc_seconds: float) -> dict:
+    """Generation throughput and per-token latency, and multiple-choice items scored per second (None where 0)."""
+    return {
+        "generated_tokens": gen_tokens,
+        "generation_seconds": gen_seconds,
+        "tokens_per_second": gen_tokens / gen_seconds if gen_seconds > 0 else None,
+        "seconds_per_output_token": gen_seconds / gen_tokens if gen_tokens > 0 else None,
+        "mc_items_per_second": mc_items / mc_seconds if mc_seconds > 0 else None,
+    }
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -350,8 +362,8 @@ def run_holistic(
             "num_items": original.num_items,
             "accuracy": _mean(base),
             **{f"accuracy_{name}": _mean(perturbed[name]) for name in PERTURBATIONS},
-            "robustness": _mean(_worst_case(base, *(perturbed[n] for n in ROBUSTNESS))),
-            "fairness": _mean(_worst_case(base, *(perturbed[n] for n in FAIRNESS))),
+            "robustness": _mean(worst_case(base, *(perturbed[n] for n in ROBUSTNESS))),
+            "fairness": _mean(worst_case(base, *(perturbed[n] for n in FAIRNESS))),
             "perturbed_items": changed,
         }
         if task.is_multiple_choice:
@@ -386,11 +398,7 @@ def run_holistic(
                 "lexicon": f"{toxic_terms['name']} v{toxic_terms['version']} ({len(toxic_terms['terms'])} terms; "
                            "a local word list, not HELM's Perspective API)"}
     efficiency = {
-        "generated_tokens": gen_tokens,
-        "generation_seconds": gen_seconds,
-        "tokens_per_second": gen_tokens / gen_seconds if gen_seconds > 0 else None,
-        "seconds_per_output_token": gen_seconds / gen_tokens if gen_tokens > 0 else None,
-        "mc_items_per_second": mc_items / mc_seconds if mc_seconds > 0 else None,
+        **efficiency_numbers(gen_tokens, gen_seconds, mc_items, mc_seconds),
         "device": str(next(loaded.model.parameters()).device),
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
     }
