@@ -383,7 +383,7 @@ def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 
                            batch_size=batch_size, progress=progress).texts  # fmt: skip
     per_example: list[float] | None
     if metric == "bleu":  # corpus BLEU: n-gram counts pooled over examples, not a mean of per-example scores
-        value, per_example = score(predictions, references).aggregate["bleu"], None
+        value, per_example = corpus_bleu(predictions, references)[0], None  # the BLEU `score` reports, without its ROUGE
     else:
         if metric in ROUGE_METRICS:
             per_example = [row[metric]["fmeasure"] for row in score(predictions, references).per_example]
@@ -443,7 +443,7 @@ def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], th
                     for r, p, q in zip(b.references, b.predictions, a.predictions)][:EXAMPLES_SAVED]  # fmt: skip
         if b.per_example and a.per_example:
             stderr = paired_stderr(b.per_example, a.per_example)
-        elif b.metric == "bleu" and b.references and len(b.predictions) == len(a.predictions) == len(b.references):
+        elif b.metric == "bleu" and b.references:  # texts kept by score_item: resample them
             stderr = bleu_delta_stderr(b.predictions, a.predictions, b.references)
         else:
             stderr = None
