@@ -9,8 +9,12 @@ in its own process (``python -m peftlab train`` / ``eval`` with a YAML recipe wr
 folder), so peak memory (process RSS on CPU, CUDA max allocated on GPU) is that variant's alone.
 
 A variant's numbers are saved in ``variants/<label>/result.json`` as soon as it finishes;
-running the same command again skips finished variants and resumes an interrupted training run
-from its newest checkpoint, so an interrupted comparison does not start over.
+running the same command again skips finished variants, so an interrupted comparison does not
+start over. An interrupted training run restarts from its newest checkpoint; training saves one
+only at the end unless asked (``--train-options save_every=N``), so by default a variant killed
+mid-training is retrained from step 0. Several compare processes with disjoint ``--methods``
+lists may share one ``--out`` folder (e.g. one per core); a final run of the whole list, all
+skipped, writes the complete tables and report.
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ def _check_settings(out: Path, config) -> None:
             raise UserError(f"{out} holds an experiment with other settings ({', '.join(changed)} differ); "
                             "use another --out, or the original settings to continue it")
     out.mkdir(parents=True, exist_ok=True)
-    stored_path.write_text(json.dumps({"kind": type(config).__name__, "shared": current, "config": to_dict(config)}, indent=2))
+    write_atomic(stored_path, json.dumps({"kind": type(config).__name__, "shared": current, "config": to_dict(config)}, indent=2))
 
 
 def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant], log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
@@ -242,7 +246,7 @@ def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant],
         row["folder"] = str(folder)
         write_atomic(done, json.dumps(row, indent=2))
         rows.append(row)
-    (out / "results.json").write_text(json.dumps({"kind": type(config).__name__, "rows": rows}, indent=2))
+    write_atomic(out / "results.json", json.dumps({"kind": type(config).__name__, "rows": rows}, indent=2))
     from peftlab.experiment.report import write_report
 
     return ExperimentResult(out, rows, skipped, write_report(out))
