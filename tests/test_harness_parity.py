@@ -21,7 +21,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-evaluation-harness (test-only reference) is not installed")
 
+from peftlab.errors import UserError  # noqa: E402
 from peftlab.eval.harness import evaluate_task, resolve_tasks  # noqa: E402
+from peftlab.eval.harness.runner import chat_format  # noqa: E402
 from peftlab.models import load_model  # noqa: E402
 
 LM_EVAL_TASKS = Path(lm_eval.__file__).parent / "tasks"
@@ -124,7 +126,7 @@ def _bbh_reference_config(shared_data: Path, max_gen_toks: int) -> dict:
 
 
 def run_reference(loaded, configs: list, *, limit: int | None, num_fewshot: int | None = None,
-                  batch_size: int = 4) -> dict[str, dict[int, dict]]:
+                  batch_size: int = 4, apply_chat_template: bool = False) -> dict[str, dict[int, dict]]:
     """lm-eval's samples per task, by document id."""
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -134,15 +136,17 @@ def run_reference(loaded, configs: list, *, limit: int | None, num_fewshot: int 
               backend="seq2seq" if loaded.is_seq2seq else "causal")
     manager = TaskManager(include_defaults=False)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, limit=limit,
-                                  num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0)
+                                  num_fewshot=num_fewshot, log_samples=True, bootstrap_iters=0,
+                                  apply_chat_template=apply_chat_template)
     return {name: {s["doc_id"]: s for s in samples} for name, samples in out["samples"].items()}
 
 
 def ours(loaded, names: list[str], *, shared_data: Path, limit: int | None, split: str | None = None,
-         max_gen_toks: int | None = None, num_fewshot: int | None = None, batch_size: int = 4):
+         max_gen_toks: int | None = None, num_fewshot: int | None = None, batch_size: int = 4,
+         apply_chat_template: bool = False):
     tasks = resolve_tasks(names, data_root=shared_data, split=split)
     return {t.name: evaluate_task(loaded, t, limit=limit, max_gen_toks=max_gen_toks, num_fewshot=num_fewshot,
-                                  batch_size=batch_size) for t in tasks}
+                                  batch_size=batch_size, apply_chat_template=apply_chat_template) for t in tasks}
 
 
 # ------------------------------------------------------------------------------------- comparison
@@ -207,6 +211,39 @@ def test_tiny_llama_five_shot_mmlu_matches_lm_eval(tiny_llama_dir, shared_data):
     reference = run_reference(loaded, [_mmlu_reference_config(shared_data)], limit=4, num_fewshot=5)
     mine = ours(loaded, [f"mmlu_{MMLU_SUBJECT}"], shared_data=shared_data, limit=4, split="val", num_fewshot=5)
     assert_choices_match("tiny llama, 5-shot", mine[f"mmlu_{MMLU_SUBJECT}"], reference[f"mmlu_{MMLU_SUBJECT}"])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_tiny_llama_with_chat_template_matches_lm_eval(tiny_llama_dir, shared_data):
+    """--apply-chat-template: description as system message, shots + question as one user message,
+    bare choices as continuations; prompts, log-likelihoods and generations equal lm-eval's."""
+    loaded = load_model(str(tiny_llama_dir))
+    loaded.tokenizer.chat_template = CHATML
+    reference = run_reference(loaded, [_mmlu_reference_config(shared_data)], limit=4, num_fewshot=2,
+                              apply_chat_template=True)
+    reference |= run_reference(loaded, [_bbh_reference_config(shared_data, max_gen_toks=6)], limit=4,
+                               apply_chat_template=True)
+    mine = ours(loaded, [f"mmlu_{MMLU_SUBJECT}"], shared_data=shared_data, limit=4, split="val", num_fewshot=2,
+                apply_chat_template=True)
+    mine |= ours(loaded, ["bbh_boolean_expressions"], shared_data=shared_data, limit=4, max_gen_toks=6,
+                 apply_chat_template=True)
+    mmlu = mine[f"mmlu_{MMLU_SUBJECT}"]
+    assert mmlu.items[0]["prompt"].startswith("<|im_start|>system\nThe following are multiple choice questions")
+    assert mmlu.items[0]["prompt"].endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert reference[f"mmlu_{MMLU_SUBJECT}"][0]["arguments"][0][1] == "A"  # no target delimiter
+    assert_choices_match("tiny llama, chat", mmlu, reference[f"mmlu_{MMLU_SUBJECT}"])
+    assert_generations_match("tiny llama, chat", mine["bbh_boolean_expressions"],
+                             reference["bbh_zeroshot_boolean_expressions"])
+
+
+def test_chat_template_missing_is_one_line(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    loaded.tokenizer.chat_template = None
+    with pytest.raises(UserError, match="no chat template; drop --apply-chat-template"):
+        chat_format(loaded, True)
 
 
 def test_tiny_t5_matches_lm_eval(tiny_t5_dir, shared_data, local_tasks):

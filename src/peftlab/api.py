@@ -208,7 +208,8 @@ def _task_list(text: str) -> list[str]:
 
 def _harness_options(config: HarnessConfig) -> dict:
     return dict(adapter=config.adapter, data_root=config.data_root, split=config.split, num_fewshot=config.num_fewshot,
-                limit=config.limit, batch_size=config.batch_size, max_gen_toks=config.max_gen_toks, dtype=config.dtype,
+                limit=config.limit, batch_size=config.batch_size, max_gen_toks=config.max_gen_toks,
+                apply_chat_template=config.apply_chat_template, dtype=config.dtype,
                 device=config.device, trust_pickle=config.trust_pickle)
 
 

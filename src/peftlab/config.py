@@ -387,6 +387,7 @@ class HarnessConfig:
     data_root: str | None = option(None, "Local copies: mmlu/{dev,val,test}/<subject>_<split>.csv, bbh/<task>.json (default: the hub).")
     batch_size: int = option(8, "Requests per forward pass.")
     max_gen_toks: int | None = option(None, "Generation tasks: tokens generated at most (default: the task's).")
+    apply_chat_template: bool = option(False, "Wrap each prompt in the tokenizer's chat template (instruction-tuned models), as lm-eval's --apply_chat_template.")
     out: str | None = option(None, "Folder for results.json.")
     trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
     dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)

@@ -53,6 +53,7 @@ from peftlab.eval.harness.families import resolve_tasks
 from peftlab.eval.harness.runner import (
     TaskResult,
     build_prompts,
+    chat_format,
     evaluate_task,
     load_inference_model,
     score_prompts,
@@ -299,10 +300,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def _perturbed_scores(loaded: LoadedModel, task: Task, original: TaskResult, name: str, *, seed: int,
                       num_fewshot: int | None, limit: int | None, fewshot_seed: int, batch_size: int,
-                      max_gen_toks: int | None, progress: ProgressFactory) -> tuple[list[float], int]:
+                      max_gen_toks: int | None, apply_chat_template: bool,
+                      progress: ProgressFactory) -> tuple[list[float], int]:
     """Scores under one perturbation; prompts the perturbation left unchanged keep their original score."""
     prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed,
-                            perturb=document_perturber(task, name, seed))
+                            perturb=document_perturber(task, name, seed), chat=chat_format(loaded, apply_chat_template))
     scores = [item["score"] for item in original.items]
     changed = [p for p, item in zip(prompts, original.items) if p.context != item["prompt"]]
     if changed:
@@ -327,6 +329,7 @@ def run_holistic(
     probes: Sequence[str] | None = None,
     seed: int = 0,
     fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+    apply_chat_template: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
     trust_pickle: bool = False,
@@ -346,7 +349,7 @@ def run_holistic(
     start = time.perf_counter()
     loaded = load_inference_model(model, adapter, dtype, device, trust_pickle, progress)
     options = dict(num_fewshot=num_fewshot, limit=limit, fewshot_seed=fewshot_seed, batch_size=batch_size,
-                   max_gen_toks=max_gen_toks, progress=progress)
+                   max_gen_toks=max_gen_toks, apply_chat_template=apply_chat_template, progress=progress)
 
     per_task: dict[str, dict] = {}
     generations: list[dict] = []
@@ -418,6 +421,7 @@ def run_holistic(
     settings = {"tasks": list(tasks), "data_root": str(data_root) if data_root is not None else None, "split": split,
                 "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks,
                 "probe_tokens": probe_tokens, "num_probes": len(probes), "seed": seed, "fewshot_seed": fewshot_seed,
+                "apply_chat_template": apply_chat_template,
                 "dtype": dtype, "device": device}
     return HolisticResult(loaded.name, adapter, summary, per_task, bias, toxicity, efficiency, generations, lexicons,
                           settings, time.perf_counter() - start)

@@ -43,6 +43,8 @@ class Prompt:
     references: list[str] | None = None
     scores: list[float] | None = None
     """BIG-bench ``target_scores`` of the choices, when the task has them."""
+    delimiter: str = " "
+    """Put before each choice of a multiple-choice continuation."""
 
 
 @dataclass
@@ -100,12 +102,39 @@ class HarnessResult:
 # ------------------------------------------------------------------------------------------ prompts
 
 
+ChatFormat = Callable[[list[dict]], str]
+"""Renders chat messages as one prompt string ending with the assistant's turn."""
+
+
+def chat_format(loaded: LoadedModel, apply_chat_template: bool) -> ChatFormat | None:
+    """The tokenizer's chat template as a :data:`ChatFormat` (None when not asked for)."""
+    if not apply_chat_template:
+        return None
+    tokenizer = loaded.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{loaded.name}'s tokenizer has no chat template; drop --apply-chat-template")
+
+    def render(messages: list[dict]) -> str:
+        import jinja2
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except jinja2.exceptions.TemplateError:  # a template without a system role: the harness drops it
+            kept = [m for m in messages if m["role"] != "system"]
+            return tokenizer.apply_chat_template(kept, tokenize=False, add_generation_prompt=True)
+
+    return render
+
+
 def build_prompts(task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
-                  seed: int = DEFAULT_FEWSHOT_SEED, perturb: Perturb | None = None) -> list[Prompt]:
+                  seed: int = DEFAULT_FEWSHOT_SEED, perturb: Perturb | None = None,
+                  chat: ChatFormat | None = None) -> list[Prompt]:
     """The prompts of the first ``limit`` documents, few-shot examples drawn as the harness draws them.
 
     ``perturb`` rewrites each document's question (not the few-shot examples, the choices or the
-    target); the few-shot draw is the same with or without it.
+    target); the few-shot draw is the same with or without it. ``chat`` renders each prompt as
+    chat messages (see :meth:`Task.chat_messages`); multiple-choice continuations then have no
+    delimiter, as in the harness.
     """
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
@@ -124,7 +153,10 @@ def build_prompts(task: Task, *, num_fewshot: int | None = None, limit: int | No
     for i, doc in enumerate(docs):
         examples = sampler.sample(shots, doc if exclude else None) if sampler else []
         query = perturb(doc, i) if perturb is not None else None
-        prompt = Prompt(i, task.context(doc, examples, i, query))
+        if chat is None:
+            prompt = Prompt(i, task.context(doc, examples, i, query), delimiter=task.config.target_delimiter)
+        else:
+            prompt = Prompt(i, chat(task.chat_messages(doc, examples, i, query)), delimiter="")
         if task.is_multiple_choice:
             prompt.choices = task.choices(doc, i)
             prompt.gold = task.gold(doc, prompt.choices, i)
@@ -151,11 +183,13 @@ def _metric_specs(task: Task) -> list[tuple[str, str, dict]]:
 
 def evaluate_task(loaded: LoadedModel, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
                   batch_size: int = 8, fewshot_seed: int = DEFAULT_FEWSHOT_SEED, max_gen_toks: int | None = None,
-                  perturb: Perturb | None = None, progress: ProgressFactory = silent) -> TaskResult:
+                  perturb: Perturb | None = None, apply_chat_template: bool = False,
+                  progress: ProgressFactory = silent) -> TaskResult:
     """Score one task; ``items`` hold each document's prompt, prediction and scores."""
     start = time.perf_counter()
     specs = _metric_specs(task)
-    prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed, perturb=perturb)
+    prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed, perturb=perturb,
+                            chat=chat_format(loaded, apply_chat_template))
     items, main, generated, gen_seconds = _score(loaded, task, prompts, specs, batch_size, max_gen_toks, progress)
     corpus = _choice_pairs if task.is_multiple_choice else _generation_pairs
     values: dict[str, float] = {}
@@ -198,8 +232,7 @@ def _named(progress: ProgressFactory, name: str) -> ProgressFactory:
 
 def _score_choices(loaded: LoadedModel, task: Task, prompts: list[Prompt], batch_size: int,
                    progress: ProgressFactory) -> list[dict]:
-    delimiter = task.config.target_delimiter
-    requests = [(p.context, delimiter + choice) for p in prompts for choice in p.choices]
+    requests = [(p.context, p.delimiter + choice) for p in prompts for choice in p.choices]
     results = loglikelihoods(loaded.model, loaded.tokenizer, requests, is_seq2seq=loaded.is_seq2seq,
                              batch_size=batch_size, progress=progress)
     items, at = [], 0
@@ -288,6 +321,7 @@ def run_harness(
     batch_size: int = 8,
     max_gen_toks: int | None = None,
     fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+    apply_chat_template: bool = False,
     dtype: str = "float32",
     device: str = "cpu",
     trust_pickle: bool = False,
@@ -297,7 +331,8 @@ def run_harness(
 
     ``split`` picks the evaluated split (default: each task's test split), ``num_fewshot`` overrides
     the tasks' shot counts, ``limit`` keeps the first documents of each task, ``max_gen_toks`` caps
-    generation tasks' new tokens. Tasks are resolved (and their data read) before the model loads.
+    generation tasks' new tokens, ``apply_chat_template`` wraps each prompt in the tokenizer's chat
+    template (for instruction-tuned models; see :meth:`Task.chat_messages`). Tasks are resolved (and their data read) before the model loads.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -307,11 +342,12 @@ def run_harness(
     results = {}
     for task in resolved:
         results[task.name] = evaluate_task(loaded, task, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                                           fewshot_seed=fewshot_seed, max_gen_toks=max_gen_toks, progress=progress)
+                                           fewshot_seed=fewshot_seed, max_gen_toks=max_gen_toks,
+                                           apply_chat_template=apply_chat_template, progress=progress)
     seconds = time.perf_counter() - start
     settings = {"tasks": list(tasks), "data_root": str(data_root) if data_root is not None else None, "split": split,
                 "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks,
-                "fewshot_seed": fewshot_seed, "dtype": dtype, "device": device, "is_seq2seq": loaded.is_seq2seq}
+                "fewshot_seed": fewshot_seed, "apply_chat_template": apply_chat_template, "dtype": dtype, "device": device, "is_seq2seq": loaded.is_seq2seq}
     task_seconds = sum(r.seconds for r in results.values())
     items = sum(r.num_items for r in results.values())
     return HarnessResult(loaded.name, adapter, results, group_scores(list(results.values())), settings, seconds,

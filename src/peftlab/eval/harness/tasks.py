@@ -22,7 +22,10 @@ The prompt is assembled exactly as lm-evaluation-harness's ``ConfigurableTask.fe
 
     description + Σ_shots (text + target_delimiter + answer + fewshot_delimiter) + text(doc)
 
-and a multiple-choice continuation is ``target_delimiter + choice``. Few-shot documents come from
+and a multiple-choice continuation is ``target_delimiter + choice``. With a chat template
+(``--apply-chat-template``) the description is the system message, each shot a user and an
+assistant turn, the question the last user turn, the prompt ends with the template's generation
+prompt, and a continuation is the bare choice (the harness drops the target delimiter there). Few-shot documents come from
 ``fewshot_split`` (else training, else validation, else test split), drawn with
 ``random.Random(seed)``: one generator per task, shared by its documents in order (so document i's
 shots depend on the seed and on i), excluding the evaluated document when the few-shot split is
@@ -419,21 +422,28 @@ class Task:
 
     # Prompt assembly --------------------------------------------------------------------------------
 
-    def fewshot_turn(self, doc: dict) -> str:
-        """One solved example: ``text + target_delimiter + answer + fewshot_delimiter``."""
+    def _solved(self, doc: dict) -> tuple[str, str | None, str, str]:
+        """A few-shot example as ``(question, answer or None, target_delimiter, fewshot_delimiter)``."""
         fs = self.config.fewshot_config
         tgt_delim = fs.target_delimiter if fs.target_delimiter is not None else self.config.target_delimiter
         few_delim = fs.fewshot_delimiter if fs.fewshot_delimiter is not None else self.config.fewshot_delimiter
         question = self.text(doc, source=fs.doc_to_text)
         answer = self.target(doc, source=fs.doc_to_target)
         if answer is None or answer == "":
-            return question  # the harness writes no delimiters for an example without an answer
+            return question, None, tgt_delim, few_delim
         if isinstance(answer, list):  # several acceptable answers: the first is shown
             answer = answer[0]
         choices = self.choices(doc, source=fs.doc_to_choice) if (fs.doc_to_choice or self.config.doc_to_choice) else None
         if choices and isinstance(answer, int) and not isinstance(answer, bool):
             answer = choices[answer]
-        return question + tgt_delim + str(answer) + few_delim
+        return question, str(answer), tgt_delim, few_delim
+
+    def fewshot_turn(self, doc: dict) -> str:
+        """One solved example: ``text + target_delimiter + answer + fewshot_delimiter``."""
+        question, answer, tgt_delim, few_delim = self._solved(doc)
+        if answer is None:
+            return question  # the harness writes no delimiters for an example without an answer
+        return question + tgt_delim + answer + few_delim
 
     def context(self, doc: dict, shots: list[dict], index: int | None = None, query: dict | None = None) -> str:
         """The prompt for ``doc``: description, solved ``shots``, then the question.
@@ -442,6 +452,24 @@ class Task:
         """
         question = self.text(query if query is not None else doc, index)
         return self.description(doc, index) + "".join(self.fewshot_turn(s) for s in shots) + question
+
+    def chat_messages(self, doc: dict, shots: list[dict], index: int | None = None,
+                      query: dict | None = None) -> list[dict[str, str]]:
+        """The same prompt as chat messages, as the harness's ``--apply_chat_template`` builds them.
+
+        The description is the system message (none when empty); each solved shot is a user turn
+        (its question) and an assistant turn (its answer), without delimiters; the question is the
+        last user turn (the harness's default ``fewshot_as_multiturn``).
+        """
+        description = self.description(doc, index)
+        messages = [{"role": "system", "content": description}] if description else []
+        for shot in shots:
+            question, answer, _, _ = self._solved(shot)
+            messages.append({"role": "user", "content": question})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": self.text(query if query is not None else doc, index)})
+        return messages
 
 
 def _show(choices: list[str], limit: int = 6) -> str:
