@@ -133,3 +133,10 @@ def test_demo_is_a_compare_of_base_lora_and_full(tiny_llama_dir, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "| base |" in printed and "| lora |" in printed and "| full |" in printed and "report:" in printed
     assert [r["label"] for r in json.loads((out / "results.json").read_text())["rows"]] == ["base", "lora", "full"]
+
+
+def test_multi_line_prediction_stays_on_its_report_line():
+    from peftlab.experiment.report import _one_line
+
+    assert _one_line("#Person1#: Hi.\n#Person2#: Hello.\n") == "#Person1#: Hi. ⏎ #Person2#: Hello."
+    assert _one_line("one line") == "one line"

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from peftlab.errors import UserError
+from peftlab.io import write_atomic
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -29,6 +30,11 @@ def _fmt(value, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def _one_line(text: str) -> str:
+    """A prediction on one markdown list line: its line breaks shown as ' ⏎ '."""
+    return " ⏎ ".join(line.strip() for line in text.strip().splitlines())
 
 
 def _mb(n: int | None) -> str:
@@ -200,9 +206,9 @@ def write_report(run_dir: str | Path) -> Path:
     if samples:
         md += ["## Example predictions", ""]
         for i, s in enumerate(samples, 1):
-            md += [f"### Example {i}", "", f"- reference: {s['reference']}"]
-            md += [f"- {label}: {text}" for label, text in s["predictions"].items()] + [""]
-    (run_dir / "report.md").write_text("\n".join(md))
+            md += [f"### Example {i}", "", f"- reference: {_one_line(s['reference'])}"]
+            md += [f"- {label}: {_one_line(text)}" for label, text in s["predictions"].items()] + [""]
+    write_atomic(run_dir / "report.md", "\n".join(md))
 
     figures = plots(kind, rows)
 
@@ -223,8 +229,8 @@ def write_report(run_dir: str | Path) -> Path:
             body = [["reference", s["reference"]]] + [[k, v] for k, v in s["predictions"].items()]
             parts.append(html_table(["model", "text"], body))
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left;white-space:pre-wrap}img{max-width:100%}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head>"
             f"<body>{''.join(parts)}</body></html>")
-    (run_dir / "report.html").write_text(page)
+    write_atomic(run_dir / "report.html", page)
     return run_dir / "report.md"
