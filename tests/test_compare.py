@@ -46,6 +46,8 @@ def test_compare_report_matches_saved_results(tiny_llama_dir, tmp_path, capsys):
         assert f"| {r['label']} | {r['rouge1']:.4f} | {r['rouge2']:.4f} | {r['rougeL']:.4f} | {r['rougeLsum']:.4f} |" in md
     headers, table = tradeoff_table(rows)
     assert table[3][headers.index("trainable params")] == f"{lora['trainable']:,}"
+    pair = f"{lora['merged']['unmerged']['latency_s']:.3f} / {lora['merged']['merged']['latency_s']:.3f}"
+    assert table[3][headers.index("unmerged / merged s/example")] == pair
     page = (out / "report.html").read_text()
     assert page.count("<table>") >= 2 and page.count("data:image/png;base64,") >= 3
     # report rebuilds from the saved results alone

@@ -22,6 +22,10 @@ from peftlab.errors import UserError
 from peftlab.io import write_atomic
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+TRADEOFF_LEGEND = ("Peak train memory: process RSS on CPU, CUDA max allocated on GPU. Latency s/example and gen "
+                   "tokens/s: the whole test set at the evaluation batch size. Unmerged / merged: the first "
+                   "--latency-examples test prompts with the adapter applied, then merged into the weights. "
+                   "Timings are only comparable between variants run on the same, equally loaded machine.")
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -62,17 +66,19 @@ def tradeoff_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """PEFT's five trade-off axes, one row per variant."""
     full = next((r for r in rows if r["method"] == "full"), None)
     headers = ["method", "trainable params", "trainable %", "adapter/checkpoint MB", "peak train memory MB",
-               "train s", "train tokens/s", "latency s/example", "gen tokens/s", "merged latency s", "rouge1",
+               "train s", "train tokens/s", "latency s/example", "gen tokens/s", "unmerged / merged s/example", "rouge1",
                "rouge1 vs full"]
     table = []
     for r in rows:
-        merged = r.get("merged", {}).get("merged", {})
+        latency = r.get("merged", {})  # the same few prompts with the adapter unmerged and merged
+        pair = (f"{latency['unmerged']['latency_s']:.3f} / {latency['merged']['latency_s']:.3f}"
+                if {"unmerged", "merged"} <= set(latency) else "-")
         rel = f"{100 * r['rouge1'] / full['rouge1']:.1f}%" if full and full["rouge1"] else "-"
         table.append([
             r["label"], f"{r['trainable']:,}", _fmt(r.get("percent"), 3), _mb(r.get("adapter_bytes")),
             _mb((r.get("train_peak_memory") or {}).get("bytes")), _fmt(r.get("train_seconds"), 1),
             _fmt(r.get("train_tokens_per_second"), 0), _fmt(r.get("eval_latency_s"), 3),
-            _fmt(r.get("eval_tokens_per_second"), 1), _fmt(merged.get("latency_s"), 3), _fmt(r["rouge1"]), rel,
+            _fmt(r.get("eval_tokens_per_second"), 1), pair, _fmt(r["rouge1"]), rel,
         ])
     return headers, table
 
@@ -200,7 +206,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     md = [f"# {title}", "", "## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
           "## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
-          markdown_table(trade_h, trade_rows), ""]
+          markdown_table(trade_h, trade_rows), "", TRADEOFF_LEGEND, ""]
     if failed:
         md += ["## Not run", ""] + [f"- {r['label']}: {r['error']}" for r in failed] + [""]
     if samples:
@@ -218,7 +224,7 @@ def write_report(run_dir: str | Path) -> Path:
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
 
     parts = [f"<h1>{title}</h1>", "<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
-             "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows)]
+             "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows), f"<p>{html.escape(TRADEOFF_LEGEND)}</p>"]
     if failed:
         parts += ["<h2>Not run</h2>", html_table(["method", "why"], [[r["label"], r["error"]] for r in failed])]
     for name, data in figures.items():
