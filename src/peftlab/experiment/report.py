@@ -141,13 +141,14 @@ def plots(kind: str, rows: list[dict]) -> dict[str, str]:
         ax.bar([j + i * width for j in range(len(rows))], [r[key] for r in rows], width, label=key)
     ax.set_xticks([j + 1.5 * width for j in range(len(rows))], [r["label"] for r in rows], rotation=30, fontsize=8)
     ax.set(ylabel="score", title="ROUGE by method")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.3 * max(max(r[key] for key in ROUGE) for r in rows) or 1.0)  # room for the legend
+    ax.legend(fontsize=8, ncol=4, loc="upper left")
     figures["ROUGE by method"] = _png(fig)
     plt.close(fig)
 
     trained = [r for r in rows if r.get("train_peak_memory")]
     if trained:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True, layout="constrained")
         axes_data = [
             ("peak training memory (MB)", [r["train_peak_memory"]["bytes"] / 1e6 for r in trained]),
             ("trainable parameters", [max(r["trainable"], 1) for r in trained]),
@@ -156,8 +157,10 @@ def plots(kind: str, rows: list[dict]) -> dict[str, str]:
         for ax, (label, xs) in zip(axes, axes_data):
             ax.scatter(xs, [r["rouge1"] for r in trained])
             for x, r in zip(xs, trained):
-                ax.annotate(r["label"], (x, r["rouge1"]), fontsize=8)
-            ax.set(xlabel=label, ylabel="ROUGE-1")
+                ax.annotate(r["label"], (x, r["rouge1"]), xytext=(4, 3), textcoords="offset points", fontsize=8)
+            ax.set(xlabel=label)
+            ax.margins(x=0.15, y=0.1)  # room for the labels
+        axes[0].set_ylabel("ROUGE-1")
         axes[1].set_xscale("log")
         fig.suptitle("Quality against memory, parameters and speed")
         figures["Quality against memory, parameters and speed"] = _png(fig)
@@ -165,14 +168,14 @@ def plots(kind: str, rows: list[dict]) -> dict[str, str]:
 
     if kind == "SweepConfig":
         values = [_sweep_value(r["label"]) for r in rows]
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         ax.plot(range(len(rows)), [r["rouge1"] for r in rows], "o-", label="ROUGE-1 (test)")
         ax.set_xticks(range(len(rows)), [str(v) for v in values])
         ax.set(xlabel=rows[0]["label"].partition("=")[0] if rows else "", ylabel="ROUGE-1", title="Sweep")
         ax2 = ax.twinx()
         ax2.plot(range(len(rows)), [r.get("eval_loss") for r in rows], "s--", color="tab:red", label="validation loss")
         ax2.set_ylabel("validation loss")
-        fig.legend(loc="upper right", fontsize=8)
+        fig.legend(loc="outside lower center", ncol=2, fontsize=8)
         figures["Sweep: validation loss and ROUGE-1"] = _png(fig)
         plt.close(fig)
     return figures
