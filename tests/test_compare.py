@@ -92,6 +92,9 @@ def test_sweep_shorthand_and_plot(tiny_llama_dir, tmp_path, capsys):
     assert [r["label"] for r in rows] == ["rank=1", "rank=4"]
     assert rows[0]["trainable"] * 4 == rows[1]["trainable"]
     assert "Sweep: validation loss and ROUGE-1" in (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for r, value in zip(rows, (1, 4)):  # the sweep table holds each value's saved validation loss
+        assert f"| {value} | {r['trainable']:,} | {r['eval_loss']:.4f} | {r['train_loss']:.4f} | {r['rouge1']:.4f} |" in md
     capsys.readouterr()
 
 

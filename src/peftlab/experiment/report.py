@@ -83,6 +83,14 @@ def tradeoff_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return headers, table
 
 
+def sweep_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Validation loss and quality against the swept value: where does it plateau?"""
+    option = rows[0]["label"].partition("=")[0] if rows else "value"
+    headers = [option, "trainable params", "validation loss", "train loss", "rouge1", "rougeL", "bleu"]
+    return headers, [[_sweep_value(r["label"]), f"{r['trainable']:,}", _fmt(r.get("eval_loss")),
+                      _fmt(r.get("train_loss")), _fmt(r["rouge1"]), _fmt(r["rougeL"]), _fmt(r["bleu"])] for r in rows]
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -108,12 +116,9 @@ def _png(fig) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def _sweep_value(label: str):
-    raw = label.partition("=")[2]
-    try:
-        return float(raw)
-    except ValueError:
-        return raw
+def _sweep_value(label: str) -> str:
+    """``rank=16`` -> ``16``: the swept value as the user wrote it."""
+    return label.partition("=")[2]
 
 
 def plots(kind: str, rows: list[dict]) -> dict[str, str]:
@@ -170,7 +175,7 @@ def plots(kind: str, rows: list[dict]) -> dict[str, str]:
         values = [_sweep_value(r["label"]) for r in rows]
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         ax.plot(range(len(rows)), [r["rouge1"] for r in rows], "o-", label="ROUGE-1 (test)")
-        ax.set_xticks(range(len(rows)), [str(v) for v in values])
+        ax.set_xticks(range(len(rows)), values)
         ax.set(xlabel=rows[0]["label"].partition("=")[0] if rows else "", ylabel="ROUGE-1", title="Sweep")
         ax2 = ax.twinx()
         ax2.plot(range(len(rows)), [r.get("eval_loss") for r in rows], "s--", color="tab:red", label="validation loss")
@@ -207,7 +212,11 @@ def write_report(run_dir: str | Path) -> Path:
     samples = examples(rows)
     title = "peftlab sweep" if kind == "SweepConfig" else "peftlab compare"
 
-    md = [f"# {title}", "", "## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
+    sweep = sweep_table(rows) if kind == "SweepConfig" else None
+    md = [f"# {title}", ""]
+    if sweep:
+        md += ["## Sweep: validation loss and quality", "", markdown_table(*sweep), ""]
+    md += ["## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
           "## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
           markdown_table(trade_h, trade_rows), "", TRADEOFF_LEGEND, ""]
     if failed:
@@ -226,7 +235,10 @@ def write_report(run_dir: str | Path) -> Path:
         rows_html = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows_html}</tbody></table>"
 
-    parts = [f"<h1>{title}</h1>", "<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
+    parts = [f"<h1>{title}</h1>"]
+    if sweep:
+        parts += ["<h2>Sweep: validation loss and quality</h2>", html_table(*sweep)]
+    parts += ["<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
              "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows), f"<p>{html.escape(TRADEOFF_LEGEND)}</p>"]
     if failed:
         parts += ["<h2>Not run</h2>", html_table(["method", "why"], [[r["label"], r["error"]] for r in failed])]
