@@ -145,3 +145,11 @@ def test_multi_line_prediction_stays_on_its_report_line():
 
     assert _one_line("#Person1#: Hi.\n#Person2#: Hello.\n") == "#Person1#: Hi. ⏎ #Person2#: Hello."
     assert _one_line("one line") == "one line"
+
+
+def test_sweep_labels_keep_the_values_as_written():
+    from peftlab.config import SweepConfig
+    from peftlab.experiment.compare import sweep_variants
+
+    variants = sweep_variants(SweepConfig(model="m", data="d", out="o", method="lora", sweep="lr=5e-4, 2e-3"))
+    assert [(v.label, v.train["lr"]) for v in variants] == [("lr=5e-4", 5e-4), ("lr=2e-3", 2e-3)]

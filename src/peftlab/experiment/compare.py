@@ -94,8 +94,9 @@ def sweep_variants(config: SweepConfig) -> list[Variant]:
     from peftlab.config import check_keys, coerce
 
     check_keys(TrainConfig, {name: None}, "--sweep")
-    parsed = [coerce(TrainConfig, name, yaml.safe_load(v)) for v in values.split(",") if v.strip()]
-    return [Variant(f"{name}={v}", config.method, {"method": config.method, name: v}) for v in parsed]
+    written = [v.strip() for v in values.split(",") if v.strip()]
+    parsed = [coerce(TrainConfig, name, yaml.safe_load(v)) for v in written]
+    return [Variant(f"{name}={text}", config.method, {"method": config.method, name: v}) for text, v in zip(written, parsed)]
 
 
 # ----------------------------------------------------------------------------------------------
