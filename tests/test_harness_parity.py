@@ -145,8 +145,9 @@ def ours(loaded, names: list[str], *, shared_data: Path, limit: int | None, spli
          max_gen_toks: int | None = None, num_fewshot: int | None = None, batch_size: int = 4,
          apply_chat_template: bool = False):
     tasks = resolve_tasks(names, data_root=shared_data, split=split)
+    chat = chat_format(loaded, apply_chat_template)
     return {t.name: evaluate_task(loaded, t, limit=limit, max_gen_toks=max_gen_toks, num_fewshot=num_fewshot,
-                                  batch_size=batch_size, apply_chat_template=apply_chat_template) for t in tasks}
+                                  batch_size=batch_size, chat=chat) for t in tasks}
 
 
 # ------------------------------------------------------------------------------------- comparison

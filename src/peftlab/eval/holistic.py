@@ -52,6 +52,7 @@ from peftlab.errors import UserError
 from peftlab.eval.harness.families import resolve_tasks
 from peftlab.eval.harness.runner import (
     TaskResult,
+    ChatFormat,
     build_prompts,
     chat_format,
     evaluate_task,
@@ -300,11 +301,11 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def _perturbed_scores(loaded: LoadedModel, task: Task, original: TaskResult, name: str, *, seed: int,
                       num_fewshot: int | None, limit: int | None, fewshot_seed: int, batch_size: int,
-                      max_gen_toks: int | None, apply_chat_template: bool,
+                      max_gen_toks: int | None, chat: ChatFormat | None,
                       progress: ProgressFactory) -> tuple[list[float], int]:
     """Scores under one perturbation; prompts the perturbation left unchanged keep their original score."""
     prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed,
-                            perturb=document_perturber(task, name, seed), chat=chat_format(loaded, apply_chat_template))
+                            perturb=document_perturber(task, name, seed), chat=chat)
     scores = [item["score"] for item in original.items]
     changed = [p for p, item in zip(prompts, original.items) if p.context != item["prompt"]]
     if changed:
@@ -349,7 +350,7 @@ def run_holistic(
     start = time.perf_counter()
     loaded = load_inference_model(model, adapter, dtype, device, trust_pickle, progress)
     options = dict(num_fewshot=num_fewshot, limit=limit, fewshot_seed=fewshot_seed, batch_size=batch_size,
-                   max_gen_toks=max_gen_toks, apply_chat_template=apply_chat_template, progress=progress)
+                   max_gen_toks=max_gen_toks, chat=chat_format(loaded, apply_chat_template), progress=progress)
 
     per_task: dict[str, dict] = {}
     generations: list[dict] = []

@@ -49,6 +49,7 @@ Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forwar
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -64,7 +65,7 @@ from peftlab.errors import UserError
 from peftlab.eval.evaluate import load_for_inference
 from peftlab.eval.bleu import corpus_bleu
 from peftlab.eval.generate import generate
-from peftlab.eval.harness.metrics import squad_tokens, token_f1
+from peftlab.eval.harness.metrics import mean_and_stderr, squad_tokens, token_f1
 from peftlab.eval.score import score
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training.loss import plain_linear_head  # the same test completion_loss uses
@@ -408,11 +409,7 @@ def evaluate_suite(loaded, prepared: Sequence[PreparedItem], *, chat_template: s
 def paired_stderr(before: Sequence[float], after: Sequence[float]) -> float:
     """Standard error of the mean of ``after_i - before_i`` (sample standard deviation, n - 1); 0 for one example."""
     diffs = [a - b for b, a in zip(before, after)]
-    n = len(diffs)
-    if n < 2:
-        return 0.0
-    mean = sum(diffs) / n
-    return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
+    return mean_and_stderr(diffs)[1] if diffs else 0.0
 
 
 def bleu_delta_stderr(before: Sequence[str], after: Sequence[str], references: Sequence[str],
@@ -424,8 +421,7 @@ def bleu_delta_stderr(before: Sequence[str], after: Sequence[str], references: S
         pick = [rng.randrange(n) for _ in range(n)]
         refs = [references[i] for i in pick]
         deltas.append(corpus_bleu([after[i] for i in pick], refs)[0] - corpus_bleu([before[i] for i in pick], refs)[0])
-    mean = sum(deltas) / resamples
-    return (sum((d - mean) ** 2 for d in deltas) / (resamples - 1)) ** 0.5
+    return statistics.stdev(deltas)
 
 
 def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], threshold: float = DEFAULT_THRESHOLD,

@@ -85,8 +85,7 @@ def tradeoff_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def sweep_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Validation loss and quality against the swept value: where does it plateau?"""
-    option = rows[0]["label"].partition("=")[0] if rows else "value"
-    headers = [option, "trainable params", "validation loss", "train loss", "rouge1", "rougeL", "bleu"]
+    headers = [_swept_option(rows), "trainable params", "validation loss", "train loss", "rouge1", "rougeL", "bleu"]
     return headers, [[_sweep_value(r["label"]), f"{r['trainable']:,}", _fmt(r.get("eval_loss")),
                       _fmt(r.get("train_loss")), _fmt(r["rouge1"]), _fmt(r["rougeL"]), _fmt(r["bleu"])] for r in rows]
 
@@ -119,6 +118,11 @@ def _png(fig) -> str:
 def _sweep_value(label: str) -> str:
     """``rank=16`` -> ``16``: the swept value as the user wrote it."""
     return label.partition("=")[2]
+
+
+def _swept_option(rows: list[dict]) -> str:
+    """``rank`` for rows labelled ``rank=...``."""
+    return rows[0]["label"].partition("=")[0] if rows else "value"
 
 
 def plots(kind: str, rows: list[dict]) -> dict[str, str]:
@@ -176,7 +180,7 @@ def plots(kind: str, rows: list[dict]) -> dict[str, str]:
         fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
         ax.plot(range(len(rows)), [r["rouge1"] for r in rows], "o-", label="ROUGE-1 (test)")
         ax.set_xticks(range(len(rows)), values)
-        ax.set(xlabel=rows[0]["label"].partition("=")[0] if rows else "", ylabel="ROUGE-1", title="Sweep")
+        ax.set(xlabel=_swept_option(rows), ylabel="ROUGE-1", title="Sweep")
         ax2 = ax.twinx()
         ax2.plot(range(len(rows)), [r.get("eval_loss") for r in rows], "s--", color="tab:red", label="validation loss")
         ax2.set_ylabel("validation loss")

@@ -183,13 +183,13 @@ def _metric_specs(task: Task) -> list[tuple[str, str, dict]]:
 
 def evaluate_task(loaded: LoadedModel, task: Task, *, num_fewshot: int | None = None, limit: int | None = None,
                   batch_size: int = 8, fewshot_seed: int = DEFAULT_FEWSHOT_SEED, max_gen_toks: int | None = None,
-                  perturb: Perturb | None = None, apply_chat_template: bool = False,
+                  perturb: Perturb | None = None, chat: ChatFormat | None = None,
                   progress: ProgressFactory = silent) -> TaskResult:
-    """Score one task; ``items`` hold each document's prompt, prediction and scores."""
+    """Score one task; ``items`` hold each document's prompt, prediction and scores (``chat``: see
+    :func:`build_prompts`)."""
     start = time.perf_counter()
     specs = _metric_specs(task)
-    prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed, perturb=perturb,
-                            chat=chat_format(loaded, apply_chat_template))
+    prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed, perturb=perturb, chat=chat)
     items, main, generated, gen_seconds = _score(loaded, task, prompts, specs, batch_size, max_gen_toks, progress)
     corpus = _choice_pairs if task.is_multiple_choice else _generation_pairs
     values: dict[str, float] = {}
@@ -332,22 +332,25 @@ def run_harness(
     ``split`` picks the evaluated split (default: each task's test split), ``num_fewshot`` overrides
     the tasks' shot counts, ``limit`` keeps the first documents of each task, ``max_gen_toks`` caps
     generation tasks' new tokens, ``apply_chat_template`` wraps each prompt in the tokenizer's chat
-    template (for instruction-tuned models; see :meth:`Task.chat_messages`). Tasks are resolved (and their data read) before the model loads.
+    template (for instruction-tuned models; see :meth:`Task.chat_messages`). Tasks are resolved (and
+    their data read) before the model loads.
     """
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     resolved = resolve_tasks(list(tasks), data_root=data_root, split=split)
     start = time.perf_counter()
     loaded = load_inference_model(model, adapter, dtype, device, trust_pickle, progress)
+    chat = chat_format(loaded, apply_chat_template)
     results = {}
     for task in resolved:
         results[task.name] = evaluate_task(loaded, task, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                                           fewshot_seed=fewshot_seed, max_gen_toks=max_gen_toks,
-                                           apply_chat_template=apply_chat_template, progress=progress)
+                                           fewshot_seed=fewshot_seed, max_gen_toks=max_gen_toks, chat=chat,
+                                           progress=progress)
     seconds = time.perf_counter() - start
     settings = {"tasks": list(tasks), "data_root": str(data_root) if data_root is not None else None, "split": split,
                 "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks,
-                "fewshot_seed": fewshot_seed, "apply_chat_template": apply_chat_template, "dtype": dtype, "device": device, "is_seq2seq": loaded.is_seq2seq}
+                "fewshot_seed": fewshot_seed, "apply_chat_template": apply_chat_template, "dtype": dtype, "device": device,
+                "is_seq2seq": loaded.is_seq2seq}
     task_seconds = sum(r.seconds for r in results.values())
     items = sum(r.num_items for r in results.values())
     return HarnessResult(loaded.name, adapter, results, group_scores(list(results.values())), settings, seconds,
