@@ -45,7 +45,7 @@ def test_lora_train_eval_merge(method, extra, tiny_model_dir, tmp_path, capsys):
     if seq2seq:
         ids["decoder_input_ids"] = torch.tensor([[0, 5, 6, 7]])
     reference = peft.PeftModel.from_pretrained(auto.from_pretrained(tiny_model_dir), final).eval()
-    from peftlab.eval.evaluate import load_for_inference
+    from peftlab.models import load_for_inference
 
     ours = load_for_inference(str(tiny_model_dir), str(final), "float32", "cpu").model
     with torch.no_grad():

@@ -33,9 +33,9 @@ from peftlab.eval import evaluate as _evaluate
 from peftlab.eval.generate import generate as _generate
 from peftlab.eval.score import ScoreReport, read_texts, score
 from peftlab.errors import UserError
-from peftlab.io import write_atomic
+from peftlab.models import load_for_inference
+from peftlab.outputs import RunFolder, write_atomic
 from peftlab.progress import ProgressFactory, silent
-from peftlab.training import checkpoint as ckpt
 from peftlab.training.loop import TrainResult
 from peftlab.training.loop import train as _train
 
@@ -64,7 +64,7 @@ def generate(config: GenerateConfig | None = None, *, progress: ProgressFactory 
     prompts = [config.prompt] if config.prompt is not None else read_texts(config.input)
     if not prompts:
         raise UserError(f"no prompts in {config.input}")
-    loaded = _evaluate.load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
+    loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
     chat = uses_chat_template(loaded.tokenizer, config.chat_template)
     return _generate(loaded.model, loaded.tokenizer, prompts, is_seq2seq=loaded.is_seq2seq, chat=chat,
                      max_new_tokens=config.max_new_tokens, max_length=config.max_length,
@@ -90,15 +90,15 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
     from peftlab.peft import merge_and_unload
 
     config = _config(MergeConfig, config, options)
-    folder = ckpt.RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
+    folder = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
     try:
         if config.quantize == "nf4":  # merge into the rounded weights the adapter was trained on
             from peftlab.peft import dequantize_model, load_adapter
 
-            loaded = _evaluate.load_for_inference(config.model, None, config.dtype, "cpu", progress=progress, quantize="nf4")
+            loaded = load_for_inference(config.model, None, config.dtype, "cpu", progress=progress, quantize="nf4")
             model = load_adapter(dequantize_model(loaded.model), config.adapter, trust_pickle=config.trust_pickle)
         else:
-            loaded = _evaluate.load_for_inference(config.model, config.adapter, config.dtype, "cpu", config.trust_pickle, progress)
+            loaded = load_for_inference(config.model, config.adapter, config.dtype, "cpu", config.trust_pickle, progress)
             model = loaded.model
         model = merge_and_unload(model)
         model.save_pretrained(folder.work)
@@ -135,7 +135,7 @@ def inspect_prompt(config: InspectPromptConfig | None = None, **options) -> list
     """Nearest vocabulary tokens (cosine similarity) of each soft-prompt vector (``peftlab inspect-prompt``)."""
     from peftlab.models import load_model
     from peftlab.peft.inspect import load_prompt_embeddings, nearest_tokens
-    from peftlab.peft.io import read_adapter_config
+    from peftlab.peft.formats import read_adapter_config
 
     config = _config(InspectPromptConfig, config, options)
     prompt = load_prompt_embeddings(config.adapter)

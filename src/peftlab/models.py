@@ -391,3 +391,19 @@ def load_model(
         path=path,
         context_length=_context_length(config),
     )
+
+
+def load_for_inference(model: str, adapter: str | None, dtype: str, device: str, trust_pickle: bool = False,
+                       progress: ProgressFactory = silent, quantize: str | None = None) -> LoadedModel:
+    """The base model (stored as 4-bit NF4 with ``quantize="nf4"``), with a PEFT adapter applied when one is given."""
+    loaded = load_model(model, dtype=dtype, device=device, progress=progress)
+    if quantize == "nf4":
+        from peftlab.peft import quantize_model
+
+        quantize_model(loaded.model, "float32" if dtype == "float32" else "bfloat16", device=next(loaded.model.parameters()).device)
+    if adapter:
+        from peftlab.peft import load_adapter
+
+        loaded.model = load_adapter(loaded.model, adapter, trust_pickle=trust_pickle)
+        loaded.model.eval()
+    return loaded

@@ -19,11 +19,11 @@ from peftlab.config import EvalConfig, to_dict
 from peftlab.data.encode import format_prompt, uses_chat_template
 from peftlab.data.pipeline import Example, prepare
 from peftlab.errors import UserError
-from peftlab.io import write_atomic
+from peftlab.outputs import write_atomic
 from peftlab.memory import peak_memory
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
-from peftlab.models import LoadedModel, load_model
+from peftlab.models import LoadedModel, load_for_inference
 from peftlab.peft import virtual_token_count
 from peftlab.progress import ProgressFactory, silent
 
@@ -36,22 +36,6 @@ class EvalResult:
     predictions_file: Path
     metrics_file: Path
     predictions: list[str]
-
-
-def load_for_inference(model: str, adapter: str | None, dtype: str, device: str, trust_pickle: bool = False,
-                       progress: ProgressFactory = silent, quantize: str | None = None) -> LoadedModel:
-    """The base model (stored as 4-bit NF4 with ``quantize="nf4"``), with a PEFT adapter applied when one is given."""
-    loaded = load_model(model, dtype=dtype, device=device, progress=progress)
-    if quantize == "nf4":
-        from peftlab.peft import quantize_model
-
-        quantize_model(loaded.model, "float32" if dtype == "float32" else "bfloat16", device=next(loaded.model.parameters()).device)
-    if adapter:
-        from peftlab.peft import load_adapter
-
-        loaded.model = load_adapter(loaded.model, adapter, trust_pickle=trust_pickle)
-        loaded.model.eval()
-    return loaded
 
 
 def select_examples(config: EvalConfig) -> tuple[list[Example], list[Example]]:

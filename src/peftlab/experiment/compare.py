@@ -33,7 +33,7 @@ import yaml
 
 from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
-from peftlab.io import write_atomic
+from peftlab.outputs import write_atomic
 
 MERGEABLE = ("lora", "dora", "qlora")
 EVAL_ONLY = ("base", "fewshot")

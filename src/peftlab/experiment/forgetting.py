@@ -62,7 +62,7 @@ from peftlab.data.pipeline import Example, prepare
 from peftlab.data.splits import SPLITS
 from peftlab.data.templates import TaskTemplates
 from peftlab.errors import UserError
-from peftlab.eval.evaluate import load_for_inference
+from peftlab.models import load_for_inference
 from peftlab.eval.bleu import corpus_bleu
 from peftlab.eval.generate import generate
 from peftlab.eval.harness.metrics import mean_and_stderr, squad_tokens, token_f1

@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from peftlab.errors import UserError
-from peftlab.io import write_atomic
+from peftlab.outputs import write_atomic
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TRADEOFF_LEGEND = ("Peak train memory: process RSS on CPU, CUDA max allocated on GPU. Latency s/example and gen "

@@ -23,7 +23,7 @@ from peftlab.peft.core import (
     replace_module,
     select_modules,
 )
-from peftlab.peft.io import (
+from peftlab.peft.formats import (
     FORMATS,
     AdapterFormat,
     load_adapter,

@@ -36,7 +36,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import WrappedLinear, adapter_modules, freeze_all_but_adapters, get_module, replace_module, select_modules
-from peftlab.peft.io import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format
 from peftlab.peft.lora import DTYPES
 
 PLACEMENTS = ("houlsby", "pfeiffer")

@@ -41,7 +41,7 @@ from peftlab.peft.core import (
     replace_module,
     select_modules,
 )
-from peftlab.peft.io import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format
 from peftlab.peft.lora import DTYPES
 
 # HF peft's defaults (``TRANSFORMERS_MODELS_TO_IA3_*_MAPPING``) for the architectures we test and their kin.

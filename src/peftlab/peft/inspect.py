@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.peft.io import read_adapter_config, read_adapter_tensors
+from peftlab.peft.formats import read_adapter_config, read_adapter_tensors
 from peftlab.peft.prompt_tuning import FILE_KEY, soft_prompt
 
 

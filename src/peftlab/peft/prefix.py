@@ -35,7 +35,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import freeze_all_but_adapters
-from peftlab.peft.io import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format
 from peftlab.peft.prompt_tuning import (
     FILE_KEY,
     cache_argument,

@@ -44,7 +44,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import freeze_all_but_adapters
-from peftlab.peft.io import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format
 
 PROMPT_INITS = ("random", "vocab", "text")
 PEFT_INIT_NAMES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}

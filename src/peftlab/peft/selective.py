@@ -33,7 +33,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import ALL_LINEAR, freeze_all_but_adapters, layer_index, parse_layers, select_modules
-from peftlab.peft.io import PEFT_PREFIX, AdapterFormat, register_format
+from peftlab.peft.formats import PEFT_PREFIX, AdapterFormat, register_format
 
 SELECTIVE_METHODS = ("bitfit", "layernorm", "selective")
 MODULE_NAME = "selective_tuning"

@@ -7,8 +7,7 @@ adapter only for PEFT), ``optimizer.pt`` (AdamW moments), ``rng.pt`` (Python, to
 states) and ``state.json`` (step, data position, scheduler). Every folder is written under a
 temporary name and renamed into place, so a killed run never leaves a half-written checkpoint.
 
-Replacing a finished run (``--overwrite``) trains into a staging folder beside it and swaps the
-two only when the new run has finished: the old run is never half-overwritten.
+The run folder itself (``RunFolder``: staging, ``--overwrite``, ``--resume``) is ``peftlab.outputs``'s.
 """
 
 from __future__ import annotations
@@ -23,61 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from peftlab.errors import UserError
-from peftlab.io import write_json
-
-RUN_MARKER = "run.json"
-
-
-def holds_run(path: Path) -> bool:
-    return (path / RUN_MARKER).is_file()
-
-
-@dataclass
-class RunFolder:
-    """Where a run writes (``work``) and where it must end up (``final``)."""
-
-    final: Path
-    work: Path
-    created: bool = False  # this run made the folder (so it may remove it if it fails before a checkpoint)
-
-    @classmethod
-    def prepare(cls, out: str | Path, *, overwrite: bool, resume: bool) -> "RunFolder":
-        final = Path(out)
-        if resume:
-            if not holds_run(final):
-                raise UserError(f"--resume: {final} holds no run to continue (no {RUN_MARKER}); drop --resume to start one")
-            return cls(final, final)
-        if final.exists() and not final.is_dir():
-            raise UserError(f"--out {final} is a file; give a folder path")
-        if final.is_dir() and any(final.iterdir()):
-            if not overwrite:
-                what = "a run" if holds_run(final) else "files"
-                raise UserError(f"--out {final} already holds {what}; pass --overwrite to replace it, or --resume to continue a run")
-            work = final.with_name(f".{final.name}.partial-{os.getpid()}")
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            return cls(final, work)
-        created = not final.exists()
-        final.mkdir(parents=True, exist_ok=True)
-        return cls(final, final, created)
-
-    def commit(self) -> None:
-        """Move a staged run into place, replacing the old one only now."""
-        if self.work == self.final:
-            return
-        old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-        os.replace(self.final, old)
-        os.replace(self.work, self.final)
-        shutil.rmtree(old, ignore_errors=True)
-
-    def abandon(self) -> None:
-        """After a failure: drop a staging folder, or a new folder that holds no checkpoint to resume from."""
-        if self.work != self.final:
-            shutil.rmtree(self.work, ignore_errors=True)
-        elif self.created and latest_checkpoint(self.work / "checkpoints") is None:
-            shutil.rmtree(self.work, ignore_errors=True)
-
+from peftlab.outputs import write_json
 
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}

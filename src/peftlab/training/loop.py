@@ -26,13 +26,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from peftlab import methods
+from peftlab.training import methods
 from peftlab.config import TrainConfig, to_dict
 from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_template
 from peftlab.data.mixtures import prepare_mixture
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
-from peftlab.io import write_json
+from peftlab.outputs import RUN_MARKER, RunFolder, write_json
 from peftlab.memory import peak_memory
 from peftlab.models import load_model
 from peftlab.peft import virtual_token_count
@@ -99,8 +99,8 @@ def validation_loss(model, examples: list[Encoded], batch_size: int, pad_id: int
     return total / max(count, 1)
 
 
-def _check_resume(run: ckpt.RunFolder, config: TrainConfig) -> None:
-    stored = json.loads((run.final / ckpt.RUN_MARKER).read_text())["config"]
+def _check_resume(run: RunFolder, config: TrainConfig) -> None:
+    stored = json.loads((run.final / RUN_MARKER).read_text())["config"]
     changed = [k for k in _RESUME_KEYS if stored.get(k) != getattr(config, k)]
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
@@ -109,13 +109,13 @@ def _check_resume(run: ckpt.RunFolder, config: TrainConfig) -> None:
 
 def train(config: TrainConfig, progress: ProgressFactory = silent, log: Callable[[str], None] = lambda _: None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data``; see the module docstring."""
-    run = ckpt.RunFolder.prepare(config.out, overwrite=config.overwrite, resume=config.resume)
+    run = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=config.resume)
     if config.resume:
         _check_resume(run, config)
     try:
         result = _train(config, run, progress, log)
     except BaseException:
-        run.abandon()
+        run.abandon(resumable=ckpt.latest_checkpoint(run.work / "checkpoints") is not None)
         raise
     run.commit()
     result.run_dir = run.final
@@ -123,7 +123,7 @@ def train(config: TrainConfig, progress: ProgressFactory = silent, log: Callable
     return result
 
 
-def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, log: Callable[[str], None]) -> TrainResult:
+def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: Callable[[str], None]) -> TrainResult:
     torch.manual_seed(config.seed)
     work = run.work
 
@@ -210,7 +210,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
         "data": {**data_info, "train_used": len(train_set), "chat_template": chat},
         "total_steps": total_steps,
     }
-    write_json(work / ckpt.RUN_MARKER, info)
+    write_json(work / RUN_MARKER, info)
     metrics_file = (work / "metrics.jsonl").open("a")
     tensorboard = _tensorboard(work)
 
@@ -296,7 +296,7 @@ def _train(config: TrainConfig, run: ckpt.RunFolder, progress: ProgressFactory, 
                                            "eval_loss": eval_loss, "seconds": seconds,
                                            "tokens_per_second": seen_tokens / seconds if seconds else 0.0,
                                            "peak_memory": peak_memory(device)})
-    write_json(work / ckpt.RUN_MARKER, info)
+    write_json(work / RUN_MARKER, info)
     return TrainResult(work, work / "final", step, info["result"]["train_loss"], eval_loss, seconds,
                        info["result"]["tokens_per_second"], methods.report_dict(report))
 

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peftlab.errors import UserError
-from peftlab.io import write_atomic
+from peftlab.outputs import write_atomic
 from peftlab.eval.harness import metrics as M
 from peftlab.eval.harness.families import resolve_tasks
 from peftlab.eval.harness.scoring import generate_until, loglikelihoods
 from peftlab.eval.harness.tasks import DEFAULT_FEWSHOT_SEED, FewshotSampler, Task
-from peftlab.models import LoadedModel
+from peftlab.models import LoadedModel, load_for_inference
 from peftlab.progress import ProgressFactory, silent
 
 Perturb = Callable[[dict, int], dict]
@@ -304,8 +304,6 @@ def load_inference_model(model: str | LoadedModel, adapter: str | None, dtype: s
         if adapter:
             raise UserError("pass the adapter when loading the model, or the model's name with adapter=...")
         return model
-    from peftlab.eval.evaluate import load_for_inference
-
     return load_for_inference(model, adapter, dtype, device, trust_pickle, progress)
 
 
