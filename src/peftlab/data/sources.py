@@ -27,21 +27,12 @@ import csv
 import difflib
 import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 
-from peftlab.data.demo import dialogsum_demo, python_demo, qa_demo, reviews_demo
+from peftlab.data.demo import DEMO_SOURCES
 from peftlab.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-
-#: ``demo:<name>`` sources: name -> a function returning the records (add new demo tasks here).
-DEMO_SOURCES: dict[str, Callable[[], list[dict]]] = {
-    "dialogsum": dialogsum_demo,
-    "reviews": reviews_demo,
-    "python": python_demo,
-    "qa": qa_demo,
-}
 
 _HOW = "give a .jsonl, .json, .csv or .parquet file, a datasets.save_to_disk folder, demo:NAME or hf:NAME"
 

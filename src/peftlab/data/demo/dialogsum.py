@@ -1,4 +1,4 @@
-"""An embedded dialogue-summarisation data set, generated here (no third-party text).
+"""``demo:dialogsum``: an embedded dialogue-summarisation data set, generated here (no third-party text).
 
 ``dialogsum_demo(n, seed)`` returns ``n`` records in the DialogSum schema
 ``{"id", "dialogue", "summary", "topic"}``: the dialogue is ``#Person1#: ...`` / ``#Person2#: ...``
@@ -29,33 +29,6 @@ already produced, is rejected and drawn again.
 Determinism. Example ``i`` is drawn from ``random.Random(f"dialogsum-demo:{seed}:{i}:{attempt}")``
 and its family is ``i``-th in a seed-dependent rotation: the data depends only on ``(n, seed)``,
 never on ``PYTHONHASHSEED``, and ``dialogsum_demo(100, s)`` is a prefix of ``dialogsum_demo(400, s)``.
-
-More tasks, for multi-task mixtures and forgetting reports. Each is ``NAME_demo(n=400, seed=0)``,
-loaded as ``--data demo:NAME``, generated from the pools below (no third-party text), with
-record ``i`` drawn from ``random.Random(f"{NAME}-demo:{seed}:{i}:{attempt}")`` (a repeated text
-is rejected and drawn again), so the same rules of determinism and prefix stability hold:
-
-``demo:reviews`` (templates ``review_rating`` and ``sentiment``)
-    ``{"id", "product", "text", "stars", "label"}``: a short product review (eight products,
-    three aspects each, a praise and a complaint phrasing per aspect), ``stars`` 1-5 (an int;
-    each block of five examples holds every rating once) and ``label`` negative (1-2 stars),
-    neutral (3) or positive (4-5). The rating fixes how many aspects are praised and criticised
-    (5: two praised; 4: two praised, "the only downside is ..."; 3: one of each; 2: two
-    criticised, "the only good thing is ..."; 1: two criticised) and the closing verdict, so the
-    rating is readable from the text but not from any one word.
-``demo:python`` (template ``python``: "translate into Python")
-    ``{"id", "description", "code", "inputs", "expected"}``: an arithmetic recipe in words and its
-    one-line program, e.g. "Add 3 to x, then double it." -> ``result = (x + 3) * 2``. One to three
-    steps (add, subtract, multiply, double, triple, divide, halve, floor-divide, modulo, square)
-    on one variable, or on two combined first ("Take the product of width and height ...");
-    "Store it in NAME." renames the result. The code is parenthesised exactly where Python's
-    precedence needs it; ``inputs`` are values of the variables and ``expected`` the value the
-    program must compute, worked out step by step apart from the code (a unit test per record).
-``demo:qa`` (template ``qa``: extractive question answering)
-    ``{"id", "context", "question", "answer"}``: four sentences about two people (job, city,
-    start time, how they travel to work, relation, pet and its name, hobby) and one question
-    about either; the answer is a span of the context, and both people have a job and a city, so
-    the question must be read to pick the right one.
 """
 
 from __future__ import annotations
@@ -64,18 +37,13 @@ import random
 import re
 from collections.abc import Callable
 
+from peftlab.data.demo.common import CITIES, NAMES
 from peftlab.errors import UserError
 
 TURNS = (4, 8)
 DIALOGUE_WORDS = (50, 110)
 SUMMARY_WORDS = (12, 35)
 
-NAMES = [
-    "Anna", "Ben", "Carlos", "Diana", "Emma", "Farid", "Grace", "Hiro", "Isabel", "Jack", "Kemal", "Laura",
-    "Mei", "Nora", "Omar", "Priya", "Rosa", "Sam", "Tariq", "Uma", "Victor", "Wen", "Yusuf", "Zoe", "Lucas",
-    "Elena", "Marco", "Hannah", "Ivan", "Julia", "Kofi", "Leila", "Mateo", "Nadia", "Oscar", "Paula", "Rahul",
-    "Sofia", "Tom", "Amara",
-]  # fmt: skip
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 WORKDAYS = DAYS[:5]
 DAY_TIMES = ["9 am", "9:30 am", "10 am", "11 am", "11:30 am", "1 pm", "2 pm", "2:30 pm", "3 pm", "4 pm", "4:30 pm"]
@@ -85,8 +53,6 @@ MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augus
 COUNTS = ["two", "three", "four", "five", "six"]
 STREETS = ["Elm Street", "Park Road", "Queen Street", "Mill Lane", "Harbour Road", "Station Road", "Church Street",
            "Willow Avenue", "Bridge Street", "Market Lane"]  # fmt: skip
-CITIES = ["Lisbon", "Kyoto", "Vienna", "Edinburgh", "Seville", "Oslo", "Montreal", "Krakow", "Marrakesh", "Istanbul",
-          "Dublin", "Budapest", "Porto", "Copenhagen"]  # fmt: skip
 
 # Two turns of small talk before the request: (#Person1#, #Person2#).
 FRIEND_SMALL_TALK = [
@@ -712,282 +678,3 @@ def _within_bounds(turns: list[str], dialogue: str, summary: str) -> bool:
         and DIALOGUE_WORDS[0] <= len(dialogue.split()) <= DIALOGUE_WORDS[1]
         and SUMMARY_WORDS[0] <= len(summary.split()) <= SUMMARY_WORDS[1]
     )
-
-
-# ===================================================================================================
-# More tasks of our own, for multi-task mixtures and forgetting reports (see the module docstring).
-
-
-def _records(name: str, n: int, seed: int, draw: Callable[[random.Random, int], dict], key: str) -> list[dict]:
-    """``n`` records ``draw(rng, i)``, each from ``random.Random(f"{name}-demo:{seed}:{i}:{attempt}")``.
-
-    A draw whose ``record[key]`` was already produced is rejected and drawn again (next attempt),
-    so the texts are unique and record ``i`` depends only on ``(seed, i)`` and the earlier ones.
-    """
-    if n < 1:
-        raise UserError(f"the demo data set needs n >= 1 examples, got {n}")
-    records, seen = [], set()
-    for i in range(n):
-        for attempt in range(1000):
-            record = draw(random.Random(f"{name}-demo:{seed}:{i}:{attempt}"), i)
-            if record[key] not in seen:
-                break
-        else:  # a generator bug: its pools are too small for n
-            raise RuntimeError(f"the {name} demo generator produced no new {key} for example {i}")
-        seen.add(record[key])
-        records.append({"id": f"{name}_{i}", **record})
-    return records
-
-
-def _rotation(name: str, seed: int, i: int, values: list) -> object:
-    """``values[k]`` for example ``i``: each block of ``len(values)`` examples holds every value once."""
-    block = random.Random(f"{name}-demo-rotation:{seed}:{i // len(values)}").sample(values, len(values))
-    return block[i % len(values)]
-
-
-# ------------------------------------------------------------------------------------- reviews
-# Product -> aspects; each aspect: (praise phrasings, complaint phrasings).
-
-PRODUCTS: dict[str, list[tuple[list[str], list[str]]]] = {
-    "headphones": [
-        (["the sound is rich and clear", "the bass is deep without being muddy"],
-         ["the sound is thin and tinny", "there is a constant hiss in the left ear"]),
-        (["the battery lasts for days", "one charge gets me through a whole week"],
-         ["the battery dies after two hours", "they take forever to charge"]),
-        (["they are comfortable even after hours", "the ear cushions are soft"],
-         ["they pinch my ears after twenty minutes", "the headband digs into my head"]),
-    ],
-    "kettle": [
-        (["it boils water in about a minute", "it heats up really quickly"],
-         ["it takes ages to boil", "it needs five minutes for one cup"]),
-        (["it is pleasantly quiet", "it hardly makes a sound"],
-         ["it is incredibly loud", "it rattles like an old engine"]),
-        (["the lid opens with one hand", "the spout pours without dripping"],
-         ["the lid is stiff and hard to open", "it drips every time I pour"]),
-    ],
-    "backpack": [
-        (["there are pockets for everything", "the laptop sleeve is well padded"],
-         ["there are hardly any pockets", "the laptop sleeve is too small"]),
-        (["the straps stay comfortable on long walks", "the back panel keeps me cool"],
-         ["the straps cut into my shoulders", "it makes my back sweaty"]),
-        (["the zips are smooth and sturdy", "the fabric kept everything dry in the rain"],
-         ["a zip broke in the first week", "the fabric soaks through in light rain"]),
-    ],
-    "desk lamp": [
-        (["the light is bright and even", "the colour of the light is warm and pleasant"],
-         ["the light flickers constantly", "the light is harsh and uneven"]),
-        (["the arm stays exactly where I put it", "the base is heavy and steady"],
-         ["the arm droops after a few minutes", "it wobbles whenever I type"]),
-        (["the dimmer works smoothly", "the touch switch is handy"],
-         ["the dimmer only has two settings", "the switch stopped responding"]),
-    ],
-    "running shoes": [
-        (["they are light and well cushioned", "my knees feel fine after long runs"],
-         ["they feel heavy and stiff", "my knees ache after every run"]),
-        (["the grip is great on wet roads", "the soles still look new"],
-         ["they slip on wet pavement", "the soles wore through in a month"]),
-        (["they fit perfectly out of the box", "there was no breaking-in period"],
-         ["they run a full size small", "they gave me blisters straight away"]),
-    ],
-    "coffee grinder": [
-        (["the grind is very even", "it handles both espresso and filter well"],
-         ["the grind is all over the place", "it cannot grind fine enough for espresso"]),
-        (["it is easy to clean", "the parts come apart easily for cleaning"],
-         ["it is a pain to clean", "coffee dust gets everywhere"]),
-        (["it is surprisingly quiet", "it is fast and quiet"],
-         ["it is painfully loud", "it overheats after a few grinds"]),
-    ],
-    "phone case": [
-        (["it survived several drops without a scratch", "it protects the camera well"],
-         ["my phone cracked on the first drop", "it leaves the camera exposed"]),
-        (["it is slim and feels good in the hand", "the grip is just right"],
-         ["it is bulky and slippery", "it makes the phone twice as thick"]),
-        (["the buttons are easy to press", "the cut-outs line up perfectly"],
-         ["the buttons are hard to press", "the cut-outs do not line up"]),
-    ],
-    "electric toothbrush": [
-        (["my teeth feel really clean", "the timer is very useful"],
-         ["it barely cleans anything", "the timer goes off at random"]),
-        (["the battery lasts three weeks", "it charges quickly"],
-         ["the battery is flat after three days", "it will not hold a charge"]),
-        (["it is gentle on my gums", "the brush heads are good value"],
-         ["it hurts my gums", "the brush heads cost a fortune"]),
-    ],
-}  # fmt: skip
-REVIEW_OPENERS = [
-    "I bought this {product} {when}.", "I have been using this {product} for {duration}.",
-    "Got this {product} as a present {when}.", "I needed a new {product} and picked this one.",
-]  # fmt: skip
-WHEN = ["last month", "two weeks ago", "in the spring", "for my birthday", "after my old one broke"]
-DURATIONS = ["a week", "a month", "three months", "half a year", "a couple of weeks"]
-# Closing lines by star rating: they agree with the aspects, so both text and verdict carry the rating.
-REVIEW_CLOSERS = {
-    5: ["Absolutely love it, highly recommended!", "Best purchase I have made this year.", "Five stars, no doubt."],
-    4: ["Very happy with it overall.", "Would buy it again despite that.", "Good value, just not perfect."],
-    3: ["It is okay for the price.", "Not bad, not great.", "It does the job, nothing more."],
-    2: ["I expected a lot more.", "Quite disappointed overall.", "I would not buy it again."],
-    1: ["Avoid this one.", "A complete waste of money.", "I am sending it back."],
-}
-# (praised aspects, criticised aspects) by star rating.
-REVIEW_MIX = {5: (2, 0), 4: (2, 1), 3: (1, 1), 2: (1, 2), 1: (0, 2)}
-SENTIMENT = {1: "negative", 2: "negative", 3: "neutral", 4: "positive", 5: "positive"}
-
-
-def _review(rng: random.Random, stars: int) -> dict:
-    product = rng.choice(sorted(PRODUCTS))
-    good, bad = REVIEW_MIX[stars]
-    aspects = rng.sample(PRODUCTS[product], good + bad)
-    praise = [rng.choice(a[0]) for a in aspects[:good]]
-    complaints = [rng.choice(a[1]) for a in aspects[good:]]
-    sentences = [rng.choice(REVIEW_OPENERS).format(product=product, when=rng.choice(WHEN),
-                                                   duration=rng.choice(DURATIONS))]  # fmt: skip
-    if stars in (4, 2):  # one aspect goes against the verdict: "the only ..."
-        main, odd = (praise, complaints) if stars == 4 else (complaints, praise)
-        sentences += [f"{rng.choice(['Honestly, ', 'Well, ', ''])}{' and '.join(main)}."]
-        lead = "The only downside is that" if stars == 4 else "The only good thing is that"
-        sentences.append(f"{lead} {odd[0]}.")
-    else:
-        parts = praise + complaints
-        joiner = " and " if stars != 3 else rng.choice([", but ", ", although "])
-        sentences.append(joiner.join(parts) + ".")
-    sentences.append(rng.choice(REVIEW_CLOSERS[stars]))
-    text = " ".join(s[0].upper() + s[1:] for s in sentences)
-    return {"product": product, "text": text, "stars": stars, "label": SENTIMENT[stars]}
-
-
-def reviews_demo(n: int = 400, seed: int = 0) -> list[dict]:
-    """``n`` product reviews ``{"id", "product", "text", "stars", "label"}`` (see module docstring)."""
-    return _records("reviews", n, seed, lambda rng, i: _review(rng, _rotation("reviews", seed, i, [1, 2, 3, 4, 5])),
-                    key="text")
-
-
-# -------------------------------------------------------------------------------------- python
-# Each operation: (first-step phrasings naming the variable {v}, later-step phrasings about "it",
-# Python operator, precedence of the result, range of the constant {k}).
-# Precedence: 2 for + -, 3 for * / // %, 4 for **, 5 for a name or a parenthesised expression.
-
-PY_VARIABLES = ["x", "y", "n", "total", "price", "count", "score", "width", "height", "speed", "age", "amount"]
-PY_OUTPUTS = ["result", "answer", "value", "out", "new_total"]
-PY_OPS = [
-    (["add {k} to {v}", "take {v} plus {k}", "increase {v} by {k}"],
-     ["add {k}", "increase it by {k}", "add {k} to it"], "+", 2, (1, 20)),
-    (["subtract {k} from {v}", "take {v} minus {k}", "decrease {v} by {k}"],
-     ["subtract {k}", "take away {k}", "decrease it by {k}"], "-", 2, (1, 20)),
-    (["multiply {v} by {k}", "scale {v} by {k}"], ["multiply it by {k}", "multiply by {k}", "scale it by {k}"], "*", 3, (3, 12)),
-    (["double {v}"], ["double it"], "*", 3, (2, 2)),
-    (["triple {v}"], ["triple it"], "*", 3, (3, 3)),
-    (["divide {v} by {k}"], ["divide it by {k}", "divide by {k}"], "/", 3, (3, 10)),
-    (["halve {v}", "cut {v} in half"], ["halve it", "cut it in half"], "/", 3, (2, 2)),
-    (["integer-divide {v} by {k}", "floor-divide {v} by {k}"],
-     ["integer-divide it by {k}", "floor-divide it by {k}"], "//", 3, (2, 10)),
-    (["take {v} modulo {k}", "take the remainder of {v} divided by {k}"],
-     ["take the remainder after dividing by {k}", "take it modulo {k}"], "%", 3, (2, 10)),
-    (["square {v}"], ["square it"], "**", 4, (2, 2)),
-]  # fmt: skip
-PY_STARTS = [  # two-variable openings: (phrasings, operator, precedence)
-    (["take the sum of {a} and {b}", "add {a} and {b}"], "+", 2),
-    (["take the product of {a} and {b}", "multiply {a} by {b}"], "*", 3),
-    (["subtract {b} from {a}", "take {a} minus {b}"], "-", 2),
-]
-_PY_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b,
-             "//": lambda a, b: a // b, "%": lambda a, b: a % b, "**": lambda a, b: a**b}  # fmt: skip
-
-
-def _binary(left: tuple[str, int], op: str, prec: int, right: str) -> tuple[str, int]:
-    """``left op right``, parenthesising ``left`` where Python's precedence needs it: every operator
-    here is left-associative except ``**``, whose left operand must be atomic."""
-    text, left_prec = left
-    need = 5 if op == "**" else prec
-    return (f"({text})" if left_prec < need else text) + f" {op} {right}", prec
-
-
-def _python(rng: random.Random) -> dict:
-    """One description, its one-line program, inputs for the program and the value it must compute.
-
-    The value is computed step by step, independently of the expression text, so running the code
-    on ``inputs`` and comparing with ``expected`` checks the parenthesisation (tests/test_demo_tasks.py).
-    """
-    a, b = rng.sample(PY_VARIABLES, 2)
-    inputs = {a: rng.randint(2, 30), b: rng.randint(2, 30)}
-    previous = None
-    if rng.random() < 0.3:  # start from two variables
-        phrasings, op, prec = rng.choice(PY_STARTS)
-        clauses = [rng.choice(phrasings).format(a=a, b=b)]
-        expr, value = _binary((a, 5), op, prec, b), _PY_APPLY[op](inputs[a], inputs[b])
-        later = rng.randint(0, 2)
-    else:  # one variable, named by the first step
-        del inputs[b]
-        first, _, op, prec, (lo, hi) = rng.choice(PY_OPS)
-        k = rng.randint(lo, hi)
-        clauses = [rng.choice(first).format(k=k, v=a)]
-        expr, value, previous = _binary((a, 5), op, prec, str(k)), _PY_APPLY[op](inputs[a], k), op
-        later = rng.randint(1, 2)
-    for _ in range(later):
-        _, phrasings, op, prec, (lo, hi) = rng.choice([s for s in PY_OPS if s[2] != previous])
-        k = rng.randint(lo, hi)
-        clauses.append(rng.choice(phrasings).format(k=k))
-        expr, value, previous = _binary(expr, op, prec, str(k)), _PY_APPLY[op](value, k), op
-    sentence = clauses[0]
-    for clause in clauses[1:]:
-        sentence += rng.choice([", then ", " and then ", ", then "]) + clause
-    out = rng.choice(PY_OUTPUTS)
-    description = sentence[0].upper() + sentence[1:] + "."
-    if out != "result" or rng.random() < 0.3:
-        description += rng.choice([" Store it in {o}.", " Call the result {o}.", " Save the answer as {o}."]).format(o=out)
-    return {"description": description, "code": f"{out} = {expr[0]}", "inputs": inputs, "expected": value}
-
-
-def python_demo(n: int = 400, seed: int = 0) -> list[dict]:
-    """``n`` "translate into Python" records ``{"id", "description", "code", "inputs", "expected"}``."""
-    return _records("python", n, seed, lambda rng, i: _python(rng), key="description")
-
-
-# ------------------------------------------------------------------------------------------- qa
-
-JOBS = ["nurse", "baker", "pilot", "teacher", "plumber", "librarian", "chef", "gardener", "dentist", "architect",
-        "journalist", "mechanic", "photographer", "pharmacist"]  # fmt: skip
-TRANSPORT = ["by bike", "by bus", "on foot", "by car", "by train", "by tram", "by ferry"]
-PETS = ["parrot", "cat", "dog", "tortoise", "rabbit", "goldfish", "hamster"]
-PET_NAMES = ["Pip", "Biscuit", "Luna", "Mango", "Pepper", "Ziggy", "Clover", "Noodle", "Olive", "Basil"]
-HOBBIES = ["plays the cello", "paints watercolours", "climbs at weekends", "sings in a choir", "grows tomatoes",
-           "builds model ships", "plays chess online", "swims every morning"]  # fmt: skip
-RELATIONS = ["brother", "sister", "neighbour", "best friend", "cousin"]
-PRONOUNS = {"he": "his", "she": "her"}
-FEMALE = {"Anna", "Diana", "Emma", "Grace", "Isabel", "Laura", "Mei", "Nora", "Priya", "Rosa", "Uma", "Wen", "Zoe",
-          "Elena", "Hannah", "Julia", "Leila", "Nadia", "Paula", "Sofia", "Amara"}  # fmt: skip
-
-
-def _qa(rng: random.Random) -> dict:
-    a, b = rng.sample(NAMES, 2)
-    he_a, he_b = ("she" if a in FEMALE else "he"), ("she" if b in FEMALE else "he")
-    his_a, his_b = PRONOUNS[he_a], PRONOUNS[he_b]
-    job_a, job_b = rng.sample(JOBS, 2)
-    city_a, city_b = rng.sample(CITIES, 2)
-    how, start = rng.choice(TRANSPORT), rng.choice(["6 am", "7 am", "8 am", "9 am", "10 am", "7:30 am", "8:30 am"])
-    relation, pet, pet_name, hobby = rng.choice(RELATIONS), rng.choice(PETS), rng.choice(PET_NAMES), rng.choice(HOBBIES)
-    context = " ".join([
-        rng.choice([f"{a} is a {job_a} who lives in {city_a}.", f"{a} works as a {job_a} in {city_a}."]),
-        rng.choice([f"{he_a.capitalize()} starts work at {start} and gets there {how}.",
-                    f"Every day {he_a} travels to work {how} and starts at {start}."]),
-        rng.choice([f"{his_a.capitalize()} {relation} {b} is a {job_b} in {city_b}.",
-                    f"{b}, {his_a} {relation}, lives in {city_b} and works as a {job_b}."]),
-        rng.choice([f"{b} has a {pet} called {pet_name} and {hobby}.",
-                    f"In {his_b} free time {b} {hobby}; {he_b} also keeps a {pet} called {pet_name}."]),
-    ])  # fmt: skip
-    questions = [
-        (f"What is {a}'s job?", job_a), (f"What does {b} do for a living?", job_b),
-        (f"Where does {a} live?", city_a), (f"In which city does {b} live?", city_b),
-        (f"What time does {a} start work?", start), (f"How does {a} get to work?", how),
-        (f"Who is {a}'s {relation}?", b), (f"What is the name of {b}'s {pet}?", pet_name),
-        (f"What kind of pet does {b} have?", pet),
-    ]  # fmt: skip
-    question, answer = rng.choice(questions)
-    return {"context": context, "question": question, "answer": answer, "qa_key": f"{context}\n{question}"}
-
-
-def qa_demo(n: int = 400, seed: int = 0) -> list[dict]:
-    """``n`` reading-comprehension records ``{"id", "context", "question", "answer"}``; the answer is a span of the context."""
-    records = _records("qa", n, seed, lambda rng, i: _qa(rng), key="qa_key")
-    for r in records:
-        del r["qa_key"]
-    return records
