@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from peftlab.config import EvalConfig
+from peftlab.config import EvalConfig, ForgettingConfig
 from peftlab.data.pipeline import prepare
 from peftlab.errors import UserError
 from peftlab.eval.evaluate import evaluate
@@ -20,11 +20,11 @@ from peftlab.experiment.forgetting import (
     DEMO_SUITE,
     SuiteItem,
     TaskScore,
+    bleu_delta_stderr,
     choice_loglikelihoods,
     compare_scores,
     evaluate_suite,
     forgetting_report,
-    bleu_delta_stderr,
     load_suite,
     paired_stderr,
     prepare_suite,
@@ -52,17 +52,20 @@ def loaded_from(folder) -> LoadedModel:
     return LoadedModel(model, tok, seq2seq, str(folder), str(folder), None)
 
 
-def brute_force_loglik(loaded: LoadedModel, prompt: str, choice: str) -> float:
-    """One unbatched forward pass with full logits: sum of log p(choice token | everything before it)."""
+def brute_force_loglik(loaded: LoadedModel, prompt: str, choice: str, max_length: int = 512) -> float:
+    """One unbatched forward pass with full logits: sum of log p(choice token | everything before it),
+    the model reading ``max_length`` tokens at most (lm-eval's cut: ``(ctx + cont)[-(max_length + 1):][:-1]``)."""
     tok, model = loaded.tokenizer, loaded.model
     cont = tok(choice, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         if loaded.is_seq2seq:
-            logits = model(input_ids=torch.tensor([tok(prompt)["input_ids"]]), labels=torch.tensor([cont])).logits[0]
+            source = tok(prompt)["input_ids"][-max_length:]
+            logits = model(input_ids=torch.tensor([source]), labels=torch.tensor([cont])).logits[0]
             logp = torch.log_softmax(logits.double(), -1)
             return sum(logp[t, c].item() for t, c in enumerate(cont))
         ctx = tok(prompt + "\n")["input_ids"]  # the non-chat training format: prompt, newline, completion
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont])).logits[0].double(), -1)
+        ctx = ctx[max(0, len(ctx) + len(cont) - 1 - max_length) :]
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), -1)
         return sum(logp[len(ctx) + k - 1, c].item() for k, c in enumerate(cont))
 
 
@@ -74,6 +77,11 @@ def test_choice_loglikelihoods_match_brute_force(tiny_model_dir):
     # the batch size changes nothing (padding is masked)
     again = choice_loglikelihoods(loaded.model, loaded.tokenizer, PROMPTS, CHOICES, loaded.is_seq2seq, batch_size=1)
     assert torch.allclose(torch.tensor(got), torch.tensor(again), atol=1e-4)
+    # a prompt longer than max_length loses its beginning: the model reads max_length tokens at most
+    cut = choice_loglikelihoods(loaded.model, loaded.tokenizer, PROMPTS, CHOICES, loaded.is_seq2seq, max_length=12)
+    expected = [[brute_force_loglik(loaded, p, c, max_length=12) for c in CHOICES] for p in PROMPTS]
+    assert torch.allclose(torch.tensor(cut, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64), atol=2e-4)
+    assert cut[0] != got[0]
 
 
 def test_squad_normalize():
@@ -108,7 +116,8 @@ SMALL_SUITE = [
 
 def test_model_against_itself_gives_zero_deltas_and_matches_peftlab_eval(tiny_llama_dir, tmp_path):
     suite = write_suite(tmp_path, SMALL_SUITE, threshold=0.01)
-    report = forgetting_report(str(tiny_llama_dir), tuned=str(tiny_llama_dir), suite=suite, device="cpu")
+    report = forgetting_report(ForgettingConfig(model=str(tiny_llama_dir), tuned=str(tiny_llama_dir), suite=suite,
+                                                out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
     assert [(r.task, r.metric, r.num_examples) for r in report.rows] == [
         ("summaries", "rougeL", 3), ("stars", "accuracy", 10), ("code", "exact_match", 3)]  # fmt: skip
     assert all(r.delta == 0.0 and r.before == r.after and not r.flagged for r in report.rows)
@@ -139,8 +148,9 @@ def test_fresh_lora_adapter_changes_nothing(tiny_t5_dir, tmp_path):
     model = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5_dir)
     config = LoraConfig(rank=4, alpha=8)
     save_adapter(apply_lora(model, config), tmp_path / "adapter", config, base_model_name_or_path=str(tiny_t5_dir))
-    suite = [SuiteItem(**SMALL_SUITE[0]), SuiteItem(**SMALL_SUITE[1])]
-    report = forgetting_report(str(tiny_t5_dir), adapter=str(tmp_path / "adapter"), suite=suite, device="cpu")
+    suite = write_suite(tmp_path, SMALL_SUITE[:2])
+    report = forgetting_report(ForgettingConfig(model=str(tiny_t5_dir), adapter=str(tmp_path / "adapter"), suite=suite,
+                                                out=str(tmp_path / "out"), device="cpu"))  # fmt: skip
     assert [r.delta for r in report.rows] == [0.0, 0.0] and report.tuned.endswith("adapter")
 
 
@@ -275,7 +285,7 @@ def test_bad_suite_tasks_and_arguments(tmp_path):
     assert "'mixed' is not one of the answer choices" in one_line(info)
     with pytest.raises(UserError, match="suite not found"):
         load_suite(str(tmp_path / "none.yaml"))
-    with pytest.raises(UserError, match="exactly one of"):
-        forgetting_report("base", suite="demo")
-    with pytest.raises(UserError, match="exactly one of"):
-        forgetting_report("base", tuned="a", adapter="b", suite="demo")
+    with pytest.raises(UserError, match="one of them"):
+        ForgettingConfig(model="base", out="out", suite="demo")
+    with pytest.raises(UserError, match="one of them"):
+        ForgettingConfig(model="base", out="out", tuned="a", adapter="b", suite="demo")

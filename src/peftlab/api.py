@@ -167,10 +167,7 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
     out = Path(config.out)
     if (out / "forgetting.json").exists() and not config.overwrite:
         raise UserError(f"{out} already holds forgetting.json; pass --overwrite or choose another --out")
-    report = forgetting_report(config.model, tuned=config.tuned, adapter=config.adapter, suite=config.suite,
-                               threshold=config.threshold, dtype=config.dtype, device=config.device,
-                               chat_template=config.chat_template, batch_size=config.batch_size,
-                               max_length=config.max_length, trust_pickle=config.trust_pickle, progress=progress, log=log)
+    report = forgetting_report(config, progress=progress, log=log)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "forgetting.json", json.dumps(report.to_dict(), indent=2) + "\n")
     write_atomic(out / "forgetting.md", f"{report.table()}\n\nExamples:\n\n{report.examples_table()}\n")
@@ -179,10 +176,10 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
 
 def harness(config: HarnessConfig | None = None, *, progress: ProgressFactory = silent, **options):
     """Benchmark tasks scored as lm-evaluation-harness does (``peftlab harness``); writes results.json with --out."""
-    from peftlab.eval.harness import run_harness, write_results
+    from peftlab.eval.harness import run_harness_config, write_results
 
     config = _config(HarnessConfig, config, options)
-    result = run_harness(config.model, _task_list(config.tasks), **_harness_options(config), progress=progress)
+    result = run_harness_config(config, progress=progress)
     if config.out:
         write_results(result, Path(config.out) / "results.json")
     return result
@@ -191,26 +188,14 @@ def harness(config: HarnessConfig | None = None, *, progress: ProgressFactory = 
 def holistic(config: HolisticConfig | None = None, *, progress: ProgressFactory = silent, **options):
     """HELM-style holistic report (``peftlab holistic``); writes holistic.json and holistic.png with --out."""
     from peftlab.eval.harness import write_results
-    from peftlab.eval.holistic import plot_holistic, run_holistic
+    from peftlab.eval.holistic import plot_holistic, run_holistic_config
 
     config = _config(HolisticConfig, config, options)
-    result = run_holistic(config.model, _task_list(config.tasks), **_harness_options(config),
-                          probe_tokens=config.probe_tokens, seed=config.seed, progress=progress)
+    result = run_holistic_config(config, progress=progress)
     if config.out:
         write_results(result, Path(config.out) / "holistic.json")
         plot_holistic(result, Path(config.out) / "holistic.png")
     return result
-
-
-def _task_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _harness_options(config: HarnessConfig) -> dict:
-    return dict(adapter=config.adapter, data_root=config.data_root, split=config.split, num_fewshot=config.num_fewshot,
-                limit=config.limit, batch_size=config.batch_size, max_gen_toks=config.max_gen_toks,
-                apply_chat_template=config.apply_chat_template, dtype=config.dtype,
-                device=config.device, trust_pickle=config.trust_pickle)
 
 
 def demo(config: DemoConfig | None = None, *, log: Log = lambda _: None, **options):

@@ -1,8 +1,10 @@
 """Catastrophic forgetting: what a fine-tuned model lost on held-out tasks, next to its base model.
 
-    report = forgetting_report("smollm2-135m-instruct", tuned="runs/sum/final", suite="demo")
-    report = forgetting_report("smollm2-135m-instruct", adapter="runs/lora/final", suite="suite.yaml")
+    config = ForgettingConfig(model="smollm2-135m-instruct", adapter="runs/lora/final", suite="demo", out="runs/fg")
+    report = forgetting_report(config)  # or tuned="runs/full/final": a fully fine-tuned model
     report.table(), report.flagged, report.to_dict()
+
+``peftlab.forgetting(config)`` (the ``peftlab forgetting`` command) also writes it into ``config.out``.
 
 Both models answer the same examples of every task of a *suite*; each row gives the task's metric
 before (base model) and after (tuned model: a full fine-tuning folder, or the base model with a
@@ -11,8 +13,8 @@ threshold (``delta < -threshold``, in metric units: 0.05 is five ROUGE or accura
 Each row also gives the paired standard error of the delta (both models answer the same examples)
 so that a drop within noise is seen as such: at 40 examples one answer is 0.025 of accuracy.
 
-A suite is ``demo`` (the built-in suite over the embedded demo tasks, :data:`DEMO_SUITE`), a list
-of :class:`SuiteItem`, or a YAML file::
+A suite is ``demo`` (the built-in suite over the embedded demo tasks, :data:`DEMO_SUITE`) or a YAML
+file (in code, a list of :class:`SuiteItem` goes to :func:`prepare_suite` and :func:`evaluate_suite`)::
 
     threshold: 0.05              # optional; the caller's threshold wins
     suite:
@@ -42,8 +44,9 @@ Metrics (all in [0, 1]):
 A metric at its floor cannot drop: the built-in suite scores QA with ``squad_f1`` and the
 arithmetic-to-Python task with ``bleu``, where the chat model's verbose answers score above zero.
 
-Loglikelihoods come from :func:`choice_loglikelihoods` here (batched, one forward pass per
-(prompt, choice) pair, logits computed only at the choice's positions).
+Loglikelihoods come from the harness's scorer, :mod:`peftlab.eval.loglikelihood` (batched; the
+choices of one prompt that are one token long share a forward pass), fed the training tokenisation by
+:func:`choice_loglikelihoods`.
 """
 
 from __future__ import annotations
@@ -54,21 +57,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
 import yaml
 
+from peftlab.config import ForgettingConfig
 from peftlab.data.encode import format_prompt, uses_chat_template
 from peftlab.data.pipeline import Example, prepare
 from peftlab.data.splits import SPLITS
 from peftlab.data.templates import TaskTemplates
 from peftlab.errors import UserError
-from peftlab.models import load_for_inference
 from peftlab.eval.bleu import corpus_bleu
 from peftlab.eval.generate import generate
 from peftlab.eval.harness.metrics import mean_and_stderr, squad_tokens, token_f1
+from peftlab.eval.loglikelihood import continuation_loglikelihoods
 from peftlab.eval.score import score
+from peftlab.models import load_for_inference
 from peftlab.progress import ProgressFactory, silent
-from peftlab.training.loss import plain_linear_head  # the same test completion_loss uses
 
 ROUGE_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 METRICS = ("accuracy", *ROUGE_METRICS, "rouge", "bleu", "exact_match", "squad_exact_match", "squad_f1")
@@ -177,11 +180,9 @@ class ForgettingReport:
 # ------------------------------------------------------------------------------------------ suites
 
 
-def load_suite(suite: str | Path | Sequence[SuiteItem]) -> tuple[list[SuiteItem], float | None]:
-    """``(items, threshold from the file or None)`` of a built-in suite name, a YAML file or a list of items."""
-    if not isinstance(suite, (str, Path)):
-        items, threshold = list(suite), None
-    elif str(suite) in BUILTIN_SUITES:
+def load_suite(suite: str | Path) -> tuple[list[SuiteItem], float | None]:
+    """``(items, threshold from the file or None)`` of a built-in suite name or a YAML file."""
+    if str(suite) in BUILTIN_SUITES:
         items, threshold = [SuiteItem(**asdict(item)) for item in BUILTIN_SUITES[str(suite)]], None
     else:
         items, threshold = _read_suite_file(Path(suite).expanduser())
@@ -275,7 +276,6 @@ def prepare_suite(items: Sequence[SuiteItem]) -> list[PreparedItem]:
 # ------------------------------------------------------------------------------------------ scoring
 
 
-@torch.inference_mode()
 def choice_loglikelihoods(
     model,
     tokenizer,
@@ -286,74 +286,34 @@ def choice_loglikelihoods(
     chat: bool = False,
     batch_size: int = 16,
     max_length: int = 512,
+    progress: ProgressFactory = silent,
 ) -> list[list[float]]:
     """``out[i][j] = log p(choices[j] | prompts[i])``, summed over the choice's tokens.
 
-    The prompt is formatted and tokenised as in training (:func:`peftlab.data.encode.encode_example`):
-    decoder-only models see ``prompt ids + choice ids`` (the prompt cut from the left to fit
-    ``max_length``); encoder-decoder models get the prompt as encoder input and score the choice
-    as decoder labels.
+    The prompt is formatted and tokenised as in training (:func:`peftlab.data.encode.encode_example`)
+    and the choice tokenised on its own: decoder-only models read ``prompt ids + choice ids``,
+    encoder-decoder models get the prompt as encoder input and the choice as decoder target. The
+    harness's scorer (:mod:`peftlab.eval.loglikelihood`) scores them, ``max_length`` input tokens
+    at most (the prompt cut from the left), ``batch_size`` distinct inputs per forward.
     """
-    model.eval()
-    device = next(model.parameters()).device
     choice_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in choices]
     if any(not ids for ids in choice_ids):
         raise UserError("an answer choice is empty (no tokens); give every choice some text")
+    longest = max(choice_ids, key=len)
+    if len(longest) > max_length:
+        raise UserError(f"an answer choice of {len(longest)} tokens is longer than --max-length {max_length}; raise it")
     if is_seq2seq:
-        contexts = [tokenizer(p, add_special_tokens=True)["input_ids"][-max_length:] for p in prompts]
+        contexts = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     else:
         # as encode_example: a chat-formatted prompt holds its special tokens, a plain one gets the tokenizer's
         contexts = [tokenizer(format_prompt(tokenizer, p, chat, False), add_special_tokens=not chat)["input_ids"]
                     for p in prompts]  # fmt: skip
-    pairs = [(i, j) for i in range(len(prompts)) for j in range(len(choices))]
-    out = [[0.0] * len(choices) for _ in prompts]
+    pairs = [(context, ids) for context in contexts for ids in choice_ids]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        if is_seq2seq:
-            scores = _seq2seq_scores(model, [contexts[i] for i, _ in chunk], [choice_ids[j] for _, j in chunk], pad, device)
-        else:
-            scores = _causal_scores(model, [contexts[i] for i, _ in chunk], [choice_ids[j] for _, j in chunk], pad, device, max_length)
-        for (i, j), value in zip(chunk, scores):
-            out[i][j] = value
-    return out
-
-
-def _causal_scores(model, contexts, continuations, pad, device, max_length) -> list[float]:
-    rows, starts = [], []
-    for ctx, cont in zip(contexts, continuations):
-        seq = (ctx + cont)[-max_length:]
-        rows.append(seq)
-        starts.append(len(seq) - len(cont))  # position of the first choice token
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (B, T)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)  # (B, T)
-    # position t predicts token t+1: the choice tokens rows[b][s:] are predicted at s-1 .. len-2
-    batch_index = torch.tensor([b for b, r in enumerate(rows) for _ in range(starts[b], len(r))], device=device)  # (N,)
-    positions = torch.tensor([t - 1 for b, r in enumerate(rows) for t in range(starts[b], len(r))], device=device)  # (N,)
-    targets = ids[batch_index, positions + 1]  # (N,)
-    if plain_linear_head(model):  # the output head only where a choice token is predicted
-        hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
-        logits = model.get_output_embeddings()(hidden[batch_index, positions])  # (N, V)
-    else:
-        logits = model(input_ids=ids, attention_mask=mask).logits[batch_index, positions]  # (N, V)
-    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(1, targets[:, None])[:, 0]  # (N,)
-    sums = torch.zeros(len(rows), dtype=torch.float32, device=device).index_add_(0, batch_index, token_logp)
-    return sums.tolist()
-
-
-def _seq2seq_scores(model, contexts, continuations, pad, device) -> list[float]:
-    width = max(len(c) for c in contexts)
-    ids = torch.tensor([c + [pad] * (width - len(c)) for c in contexts], device=device)  # (B, S)
-    mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in contexts], device=device)  # (B, S)
-    target_width = max(len(c) for c in continuations)
-    labels = torch.tensor([c + [-100] * (target_width - len(c)) for c in continuations], device=device)  # (B, T)
-    decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
-    logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_input_ids).logits  # (B, T, V)
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    keep = labels != -100  # (B, T)
-    token_logp = logp.gather(2, labels.clamp(min=0)[..., None])[..., 0] * keep  # (B, T)
-    return token_logp.sum(dim=1).tolist()
+    scored = continuation_loglikelihoods(model, pairs, is_seq2seq=is_seq2seq, max_length=max_length, pad_id=pad,
+                                         batch_size=batch_size, progress=progress)  # fmt: skip
+    n = len(choices)
+    return [[r.logprob for r in scored[i * n : (i + 1) * n]] for i in range(len(prompts))]
 
 
 def _collapse(text: str) -> str:
@@ -374,7 +334,7 @@ def score_item(loaded, prepared: PreparedItem, *, chat: bool, batch_size: int = 
     if metric == "accuracy":
         choices = prepared.task.answer_choices
         logliks = choice_loglikelihoods(model, tokenizer, prompts, choices, is_seq2seq, chat=chat,
-                                        batch_size=batch_size, max_length=max_length)  # fmt: skip
+                                        batch_size=batch_size, max_length=max_length, progress=progress)  # fmt: skip
         predictions = [choices[max(range(len(choices)), key=row.__getitem__)] for row in logliks]
         per_example = [float(p == r) for p, r in zip(predictions, references)]
         return TaskScore(prepared.item.name, metric, sum(per_example) / len(examples), len(examples), predictions,
@@ -447,35 +407,21 @@ def compare_scores(before: dict[str, TaskScore], after: dict[str, TaskScore], th
     return ForgettingReport(rows, threshold, base, tuned)
 
 
-def forgetting_report(
-    base: str,
-    tuned: str | None = None,
-    adapter: str | None = None,
-    suite: str | Path | Sequence[SuiteItem] = "demo",
-    threshold: float | None = None,
-    *,
-    dtype: str = "float32",
-    device: str = "auto",
-    chat_template: str = "auto",
-    batch_size: int = 8,
-    max_length: int = 512,
-    trust_pickle: bool = False,
-    progress: ProgressFactory = silent,
-    log: Callable[[str], None] = lambda _: None,
-) -> ForgettingReport:
-    """Evaluate ``base``, then the tuned model (``tuned``: a fine-tuned model folder, or ``adapter`` on
-    ``base``), on every task of ``suite``, one model in memory at a time; see the module docstring."""
-    if (tuned is None) == (adapter is None):
-        raise UserError("give the tuned model as exactly one of a fine-tuned model folder (--tuned) or an adapter folder (--adapter)")
-    items, file_threshold = load_suite(suite)
-    threshold = threshold if threshold is not None else file_threshold if file_threshold is not None else DEFAULT_THRESHOLD
+def forgetting_report(config: ForgettingConfig, *, progress: ProgressFactory = silent,
+                      log: Callable[[str], None] = lambda _: None) -> ForgettingReport:
+    """Evaluate ``config.model``, then the tuned model (``config.tuned``: a fine-tuned model folder, or
+    ``config.adapter`` on the base), on every task of ``config.suite``, one model in memory at a time;
+    see the module docstring. ``config.out`` is not written here."""
+    items, file_threshold = load_suite(config.suite)
+    threshold = next((t for t in (config.threshold, file_threshold) if t is not None), DEFAULT_THRESHOLD)
     prepared = prepare_suite(items)  # data errors before any model loads
-    options = dict(chat_template=chat_template, batch_size=batch_size, max_length=max_length, progress=progress)
     scores = {}
-    for label, model_name, adapter_dir in (("before", base, None), ("after", tuned or base, adapter)):
+    models = (("before", config.model, None), ("after", config.tuned or config.model, config.adapter))
+    for label, model_name, adapter_dir in models:
         log(f"evaluating {label}: {model_name}{f' + adapter {adapter_dir}' if adapter_dir else ''}")
-        loaded = load_for_inference(model_name, adapter_dir, dtype, device, trust_pickle, progress)
-        scores[label] = evaluate_suite(loaded, prepared, **options)
+        loaded = load_for_inference(model_name, adapter_dir, config.dtype, config.device, config.trust_pickle, progress)
+        scores[label] = evaluate_suite(loaded, prepared, chat_template=config.chat_template, batch_size=config.batch_size,
+                                       max_length=config.max_length, progress=progress)  # fmt: skip
         del loaded  # one model in memory at a time
-    return compare_scores(scores["before"], scores["after"], threshold, base=base,
-                          tuned=tuned if tuned is not None else f"{base} + {adapter}")  # fmt: skip
+    tuned = config.tuned if config.tuned is not None else f"{config.model} + {config.adapter}"
+    return compare_scores(scores["before"], scores["after"], threshold, base=config.model, tuned=tuned)

@@ -1,6 +1,7 @@
 """Benchmark harness: lm-evaluation-harness-compatible task files, built-in MMLU / BBH / BIG-bench, scoring.
 
-``run_harness(model, tasks, ...)`` evaluates and returns a :class:`HarnessResult`;
+``run_harness_config(config)`` (a :class:`~peftlab.config.HarnessConfig`), or its keyword form
+``run_harness(model, tasks, ...)``, evaluates and returns a :class:`HarnessResult`;
 ``write_results(result, path)`` saves it as JSON. See :mod:`.runner` for the options,
 :mod:`.tasks` for the task YAML format and :mod:`.families` for built-in task names.
 """
@@ -12,6 +13,7 @@ from peftlab.eval.harness.runner import (
     build_prompts,
     evaluate_task,
     run_harness,
+    run_harness_config,
     write_results,
 )
 from peftlab.eval.harness.scoring import generate_until, loglikelihoods
@@ -30,5 +32,6 @@ __all__ = [
     "loglikelihoods",
     "resolve_tasks",
     "run_harness",
+    "run_harness_config",
     "write_results",
 ]

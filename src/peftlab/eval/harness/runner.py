@@ -2,6 +2,9 @@
 
     >>> from peftlab.eval.harness import run_harness, write_results
     >>> result = run_harness("smollm2-135m-instruct", ["mmlu_anatomy"], data_root="../shared/data", split="val")
+    >>> config = HarnessConfig(model="smollm2-135m-instruct", tasks="mmlu_anatomy", data_root="../shared/data",
+    ...                        split="val")
+    >>> result = run_harness_config(config)  # the same, from the typed config (``peftlab harness``)
     >>> result.tasks["mmlu_anatomy"].metrics["acc"], result.groups["mmlu"]["acc"]
     >>> write_results(result, "runs/harness.json")
 
@@ -20,14 +23,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
+from peftlab.config import HarnessConfig
 from peftlab.errors import UserError
-from peftlab.outputs import write_atomic
 from peftlab.eval.harness import metrics as M
 from peftlab.eval.harness.families import resolve_tasks
 from peftlab.eval.harness.scoring import generate_until, loglikelihoods
 from peftlab.eval.harness.tasks import DEFAULT_FEWSHOT_SEED, FewshotSampler, Task
 from peftlab.models import LoadedModel, load_for_inference
+from peftlab.outputs import write_atomic
 from peftlab.progress import ProgressFactory, silent
 
 Perturb = Callable[[dict, int], dict]
@@ -298,61 +303,69 @@ def group_scores(results: Sequence[TaskResult]) -> dict[str, dict[str, float]]:
 # ------------------------------------------------------------------------------------------ the API
 
 
-def load_inference_model(model: str | LoadedModel, adapter: str | None, dtype: str, device: str,
-                         trust_pickle: bool, progress: ProgressFactory) -> LoadedModel:
-    if isinstance(model, LoadedModel):
-        if adapter:
-            raise UserError("pass the adapter when loading the model, or the model's name with adapter=...")
-        return model
-    return load_for_inference(model, adapter, dtype, device, trust_pickle, progress)
+def task_list(tasks: str) -> list[str]:
+    """``"mmlu_anatomy, bbh"`` -> ``["mmlu_anatomy", "bbh"]`` (a config's comma-separated ``tasks``)."""
+    return [t.strip() for t in tasks.split(",") if t.strip()]
 
 
-def run_harness(
-    model: str | LoadedModel,
-    tasks: Sequence[str],
-    *,
-    adapter: str | None = None,
-    data_root: str | Path | None = None,
-    split: str | None = None,
-    num_fewshot: int | None = None,
-    limit: int | None = None,
-    batch_size: int = 8,
-    max_gen_toks: int | None = None,
-    fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
-    apply_chat_template: bool = False,
-    dtype: str = "float32",
-    device: str = "cpu",
-    trust_pickle: bool = False,
-    progress: ProgressFactory = silent,
-) -> HarnessResult:
-    """Evaluate ``model`` (+ ``adapter``) on ``tasks`` (names, families or files; see :mod:`.families`).
+C = TypeVar("C", bound=HarnessConfig)
+
+
+def keyword_config(config_type: type[C], model: str | LoadedModel, tasks: Sequence[str], options: dict) -> C:
+    """A :class:`HarnessConfig` (or subclass) from the keyword form's arguments; ``device`` defaults to cpu there."""
+    name = model.name if isinstance(model, LoadedModel) else model
+    return config_type(model=name, tasks=",".join(tasks), **{"device": "cpu", **options})
+
+
+def load_inference_model(config: HarnessConfig, loaded: LoadedModel | None, progress: ProgressFactory) -> LoadedModel:
+    """``loaded`` when given (a model already in memory), else ``config.model`` + ``config.adapter`` loaded."""
+    if loaded is None:
+        return load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
+    if config.adapter:
+        raise UserError("pass the adapter when loading the model, or the model's name with adapter=...")
+    return loaded
+
+
+def run_harness_config(config: HarnessConfig, *, loaded: LoadedModel | None = None,
+                       fewshot_seed: int = DEFAULT_FEWSHOT_SEED, progress: ProgressFactory = silent) -> HarnessResult:
+    """Evaluate ``config.model`` (+ ``config.adapter``; or ``loaded``, a model in memory) on ``config.tasks``
+    (names, families or files; see :mod:`.families`).
 
     ``split`` picks the evaluated split (default: each task's test split), ``num_fewshot`` overrides
     the tasks' shot counts, ``limit`` keeps the first documents of each task, ``max_gen_toks`` caps
     generation tasks' new tokens, ``apply_chat_template`` wraps each prompt in the tokenizer's chat
     template (for instruction-tuned models; see :meth:`Task.chat_messages`). Tasks are resolved (and
-    their data read) before the model loads.
+    their data read) before the model loads. ``config.out`` is not written here.
     """
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    resolved = resolve_tasks(list(tasks), data_root=data_root, split=split)
+    tasks = task_list(config.tasks)
+    resolved = resolve_tasks(tasks, data_root=config.data_root, split=config.split)
     start = time.perf_counter()
-    loaded = load_inference_model(model, adapter, dtype, device, trust_pickle, progress)
-    chat = chat_format(loaded, apply_chat_template)
+    loaded = load_inference_model(config, loaded, progress)
+    chat = chat_format(loaded, config.apply_chat_template)
     results = {}
     for task in resolved:
-        results[task.name] = evaluate_task(loaded, task, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
-                                           fewshot_seed=fewshot_seed, max_gen_toks=max_gen_toks, chat=chat,
-                                           progress=progress)
+        results[task.name] = evaluate_task(loaded, task, num_fewshot=config.num_fewshot, limit=config.limit,
+                                           batch_size=config.batch_size, fewshot_seed=fewshot_seed,
+                                           max_gen_toks=config.max_gen_toks, chat=chat, progress=progress)
     seconds = time.perf_counter() - start
-    settings = {"tasks": list(tasks), "data_root": str(data_root) if data_root is not None else None, "split": split,
-                "num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "max_gen_toks": max_gen_toks,
-                "fewshot_seed": fewshot_seed, "apply_chat_template": apply_chat_template, "dtype": dtype, "device": device,
+    settings = {"tasks": tasks, "data_root": str(config.data_root) if config.data_root is not None else None,
+                "split": config.split, "num_fewshot": config.num_fewshot, "limit": config.limit,
+                "batch_size": config.batch_size, "max_gen_toks": config.max_gen_toks, "fewshot_seed": fewshot_seed,
+                "apply_chat_template": config.apply_chat_template, "dtype": config.dtype, "device": config.device,
                 "is_seq2seq": loaded.is_seq2seq}
     task_seconds = sum(r.seconds for r in results.values())
     items = sum(r.num_items for r in results.values())
-    return HarnessResult(loaded.name, adapter, results, group_scores(list(results.values())), settings, seconds,
+    return HarnessResult(loaded.name, config.adapter, results, group_scores(list(results.values())), settings, seconds,
                          items / task_seconds if task_seconds > 0 else 0.0)
+
+
+def run_harness(model: str | LoadedModel, tasks: Sequence[str], *, fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+                progress: ProgressFactory = silent, **options) -> HarnessResult:
+    """The keyword form of :func:`run_harness_config`: ``options`` are :class:`~peftlab.config.HarnessConfig`'s
+    fields (``adapter``, ``data_root``, ``split``, ``limit`` ...), ``device`` cpu unless given."""
+    config = keyword_config(HarnessConfig, model, tasks, options)
+    return run_harness_config(config, loaded=model if isinstance(model, LoadedModel) else None,
+                              fewshot_seed=fewshot_seed, progress=progress)
 
 
 def write_results(result, path: str | Path, include_items: bool = True) -> Path:

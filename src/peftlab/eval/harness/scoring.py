@@ -1,22 +1,17 @@
 """Score prompts with a model the way lm-evaluation-harness's ``HFLM`` does (v0.4).
 
-Loglikelihood of a continuation given a context::
+Loglikelihoods: requests ``(context, continuation)`` are tokenised here, as ``HFLM._encode_pair``
+does, and scored by :func:`peftlab.eval.loglikelihood.continuation_loglikelihoods` (HFLM's
+truncation, batching and ``logits_cache``; also the scorer of forgetting reports).
 
-    log p(cont | ctx) = Σ_j log softmax(logits)[t_j]      over the continuation tokens t_j
-
-Tokenisation follows ``HFLM._encode_pair``: trailing spaces of the context move to the front of
-the continuation; a decoder-only model encodes ``context + continuation`` whole and the
-continuation is what follows the tokens of the context alone (so merges across the boundary
-are kept); an encoder-decoder (T5) encodes the context for the encoder (with the tokenizer's
-special tokens, e.g. T5's ``</s>``) and the continuation for the decoder without special tokens.
-Special tokens are whatever the tokenizer adds by default (``add_bos_token`` unset, as in HFLM),
-except that text already starting with the prefix token is encoded without them. An empty
-context is replaced by the prefix token (BOS, else EOS).
-
-Decoder-only requests that share ``context + continuation[:-1]`` give the model the same input, so
-they share one forward (HFLM's ``logits_cache``): MMLU's four one-token answers cost one row.
-Rows are sorted longest first (HFLM's order), right-padded, and only the last positions are
-turned into logits when the model supports ``logits_to_keep``.
+Tokenisation: trailing spaces of the context move to the front of the continuation; a
+decoder-only model encodes ``context + continuation`` whole and the continuation is what follows
+the tokens of the context alone (so merges across the boundary are kept); an encoder-decoder (T5)
+encodes the context for the encoder (with the tokenizer's special tokens, e.g. T5's ``</s>``) and
+the continuation for the decoder without special tokens. Special tokens are whatever the
+tokenizer adds by default (``add_bos_token`` unset, as in HFLM), except that text already starting
+with the prefix token is encoded without them. An empty context is replaced by the prefix token
+(BOS, else EOS).
 
 Generation is greedy until any stop string appears in the decoded continuation (or EOS, or
 ``max_gen_toks``); the text is cut before the first stop string, stop strings taken in order
@@ -25,29 +20,19 @@ Generation is greedy until any stop string appears in the decoded continuation (
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from peftlab.errors import UserError
+from peftlab.eval.loglikelihood import Loglikelihood, continuation_loglikelihoods
 from peftlab.progress import ProgressFactory, silent
 
 _DEFAULT_MAX_LENGTH = 2048  # HFLM's fallback when neither config nor tokenizer says
 _TOKENIZER_INFINITY = 1000000000000000019884624838656
-
-
-@dataclass
-class Loglikelihood:
-    logprob: float
-    """Σ log p of the continuation tokens."""
-    is_greedy: bool
-    """True when every continuation token is the argmax at its position."""
-    num_tokens: int
 
 
 @dataclass
@@ -109,31 +94,9 @@ def max_length(model, tokenizer) -> int:
     return length - virtual_token_count(model)
 
 
-def _device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _pad_right(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), value, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    return ids, mask
-
-
 # ---------------------------------------------------------------------------------- loglikelihood
 
 
-@torch.inference_mode()
 def loglikelihoods(
     model,
     tokenizer,
@@ -144,79 +107,16 @@ def loglikelihoods(
     progress: ProgressFactory = silent,
 ) -> list[Loglikelihood]:
     """``log p(continuation | context)`` for each ``(context, continuation)``, in request order."""
-    if batch_size < 1:
-        raise UserError(f"batch size must be >= 1, got {batch_size}")
-    model.eval()
     limit = max_length(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     encoded = [encode_pair(tokenizer, ctx, cont, is_seq2seq) for ctx, cont in requests]
     for (ctx_text, cont_text), (_, cont) in zip(requests, encoded):
         if not cont:
             raise UserError(f"the continuation {cont_text!r} is empty after tokenisation (context ends {ctx_text[-40:]!r})")
         if len(cont) > limit:
             raise UserError(f"a continuation of {len(cont)} tokens is longer than the model's {limit} positions")
-
-    # One forward row per distinct model input; decoder-only requests sharing ctx + cont[:-1] share a row.
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(encoded):
-        key = tuple(ctx + cont[:-1]) if not is_seq2seq else (i,)
-        groups.setdefault(key, []).append(i)
-    order = sorted(groups.values(), key=lambda members: (-len(encoded[members[0]][0] + encoded[members[0]][1]),
-                                                        tuple(encoded[members[0]][0] + encoded[members[0]][1])))
-
-    results: list[Loglikelihood | None] = [None] * len(requests)
-    bar = progress("loglikelihood", len(requests), "request")
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            step = _seq2seq_batch if is_seq2seq else _causal_batch
-            for index, result in step(model, encoded, batch, limit, pad):
-                results[index] = result
-            bar.update(sum(len(members) for members in batch))
-    finally:
-        bar.close()
-    return results  # type: ignore[return-value]
-
-
-def _score(logits: torch.Tensor, cont: list[int]) -> Loglikelihood:
-    """``logits``: (len(cont), V) at the positions that predict ``cont``."""
-    logprobs = F.log_softmax(logits.float(), dim=-1)  # (C, V)
-    target = torch.tensor(cont, device=logits.device)
-    picked = logprobs.gather(1, target[:, None]).squeeze(1)  # (C,)
-    return Loglikelihood(float(picked.sum()), bool((logprobs.argmax(-1) == target).all()), len(cont))
-
-
-def _causal_batch(model, encoded, batch: list[list[int]], limit: int, pad: int):
-    # Input: (ctx + cont) without its last token, left-truncated to the model's positions.
-    rows = [(encoded[m[0]][0] + encoded[m[0]][1])[-(limit + 1) :][:-1] for m in batch]
-    ids, mask = _pad_right(rows, pad)  # (B, T)
-    device = _device(model)
-    width = ids.shape[1]
-    longest = [max(len(encoded[i][1]) for i in members) for members in batch]
-    kwargs = {}
-    if _accepts(model, "logits_to_keep"):
-        # Keep the last positions that any row's continuation needs (rows are right-padded).
-        kwargs["logits_to_keep"] = max(width - len(r) + n for r, n in zip(rows, longest))
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits  # (B, K, V)
-    kept = logits.shape[1]
-    for b, members in enumerate(batch):
-        end = kept - (width - len(rows[b]))  # the row's last real position (prompt-tuning tokens sit in front)
-        for i in members:
-            cont = encoded[i][1]
-            yield i, _score(logits[b, end - len(cont) : end], cont)
-
-
-def _seq2seq_batch(model, encoded, batch: list[list[int]], limit: int, pad: int):
-    start_id = getattr(model.config, "decoder_start_token_id", None)
-    start_id = pad if start_id is None else start_id
-    device = _device(model)
-    enc_ids, enc_mask = _pad_right([encoded[m[0]][0][-limit:] for m in batch], pad)  # (B, S)
-    conts = [encoded[m[0]][1][-limit:] for m in batch]
-    dec_ids, _ = _pad_right([[start_id] + c[:-1] for c in conts], pad)  # (B, C): teacher forcing
-    logits = model(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device),
-                   decoder_input_ids=dec_ids.to(device)).logits  # (B, C, V)
-    for b, members in enumerate(batch):
-        yield members[0], _score(logits[b, : len(conts[b])], conts[b])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return continuation_loglikelihoods(model, encoded, is_seq2seq=is_seq2seq, max_length=limit, pad_id=pad,
+                                       batch_size=batch_size, progress=progress)
 
 
 # -------------------------------------------------------------------------------------- generation
@@ -274,7 +174,7 @@ def generate_until(
     if max_gen_toks < 1:
         raise UserError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
     model.eval()
-    device = _device(model)
+    device = next(model.parameters()).device
     stops = stop_sequences(tokenizer, until)
     limit = max_length(model, tokenizer)
     max_ctx = limit if is_seq2seq else limit - max_gen_toks
