@@ -9,9 +9,9 @@ optionally the prompt template of the task (a built-in name or a YAML file; defa
 the fields), and any data source ``--data`` accepts (``demo:reviews``, ``hf:NAME@SPLIT``, a file).
 The template sits left of ``=`` because sources hold colons themselves (``demo:qa``, ``hf:a:b``).
 
-Each task is prepared on its own (:func:`peftlab.data.pipeline.prepare`): its template, its seeded
-train / validation / test split. Only the training splits are mixed; each task keeps its validation
-and test examples, so per-task evaluation sees exactly what training held out.
+Each task goes through the data pass on its own (:func:`peftlab.data.pipeline.prepare_mixture`): its
+template, its seeded train / validation / test split. Only the training splits are mixed, here; each
+task keeps its validation and test examples, so per-task evaluation sees exactly what training held out.
 
 Mixing rates, with n_i the training examples of task i, K the cap and T the temperature
 (Raffel et al. 2020, section 3.5.2; FLAN, Wei et al. 2022 and Chung et al. 2022):
@@ -42,7 +42,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from peftlab.data.pipeline import Example, PreparedData, prepare
 from peftlab.errors import UserError
 
 T = TypeVar("T")
@@ -75,6 +74,18 @@ def parse_task(text: str) -> TaskSpec:
     if colon and not template:
         raise UserError(f"bad --task '{text}': empty template after ':'; {_HOW}")
     return TaskSpec(name, source, template or None)
+
+
+def parse_tasks(specs: Sequence[str | TaskSpec]) -> list[TaskSpec]:
+    """The tasks of a mixture as :class:`TaskSpec`: at least one, each name once."""
+    parsed = [parse_task(s) if isinstance(s, str) else s for s in specs]
+    if not parsed:
+        raise UserError(f"no tasks given; {_HOW}")
+    names = [spec.name for spec in parsed]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"task name(s) {', '.join(repeated)} given more than once; give each --task its own NAME")
+    return parsed
 
 
 def mixing_rates(
@@ -210,58 +221,9 @@ def mix(
     )
 
 
-# ------------------------------------------------------------------------------- tasks with splits
+def prepare_mixture(*args, **kwargs):
+    """Kept for :mod:`peftlab.training.loop`, which imports it from here: the pass is
+    :func:`peftlab.data.pipeline.prepare_mixture` (same arguments, same result)."""
+    from peftlab.data.pipeline import prepare_mixture  # at call time: pipeline imports this module
 
-
-@dataclass
-class MultiTaskData:
-    """Every task prepared on its own, and the mixture of their training splits."""
-
-    tasks: dict[str, PreparedData]
-    """Per task: its templates and its train / validation / test examples."""
-    mixture: Mixture[Example]
-
-    @property
-    def train(self) -> list[Example]:
-        """The mixed training list: what the training loop takes as its training split."""
-        return self.mixture.examples
-
-    def split(self, name: str) -> dict[str, list[Example]]:
-        """``split("validation")`` -> {task: that task's validation examples}."""
-        return {task: data.splits[name] for task, data in self.tasks.items()}
-
-
-def prepare_tasks(specs: Sequence[str | TaskSpec], fractions: str = "0.8,0.1,0.1", seed: int = 0) -> dict[str, PreparedData]:
-    """Load, template and split each task on its own (same fractions and seed for all)."""
-    parsed = [parse_task(s) if isinstance(s, str) else s for s in specs]
-    if not parsed:
-        raise UserError(f"no tasks given; {_HOW}")
-    names = [spec.name for spec in parsed]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise UserError(f"task name(s) {', '.join(repeated)} given more than once; give each --task its own NAME")
-    return {spec.name: prepare(spec.source, spec.template, fractions, seed) for spec in parsed}
-
-
-def prepare_mixture(
-    specs: Sequence[str | TaskSpec],
-    fractions: str = "0.8,0.1,0.1",
-    split_seed: int = 0,
-    strategy: str = "proportional",
-    cap: int | None = None,
-    temperature: float = 1.0,
-    size: int | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-) -> MultiTaskData:
-    """:func:`prepare_tasks`, then :func:`mix` their training splits (each cut to ``limit`` first)."""
-    tasks = prepare_tasks(specs, fractions, split_seed)
-    train = {name: data.splits["train"][:limit] for name, data in tasks.items()}
-    return MultiTaskData(tasks, mix(train, size, strategy, cap, temperature, seed))
-
-
-def mixture_records(mixture: Mixture[Example]) -> list[dict]:
-    """The mixed list as ``{"prompt", "completion", "task"}`` records: written to a .jsonl file, it trains
-    with the unchanged loop as ``--data FILE --template prompt_completion --split-fractions 1,0,0``."""
-    return [{"prompt": ex.prompt, "completion": ex.completion, "task": task}
-            for ex, task in zip(mixture.examples, mixture.tasks)]  # fmt: skip
+    return prepare_mixture(*args, **kwargs)

@@ -1,16 +1,30 @@
-"""From a data source to rendered (prompt, completion) examples of each split.
+"""The data pass, in one place: source -> records -> templates -> splits -> examples.
 
-``prepare(source, template, fractions, seed)`` is what ``train``, ``eval`` and ``demo`` share, so
-a test split evaluated later is exactly the one held out in training.
+    records = load_records(source)                       # sources.py: a file, a folder, demo:NAME, hf:NAME
+    task = resolve_templates(template, records)          # templates.py: by name or file, or detected
+    splits = split_records(records, fractions, seed)     # splits.py: seeded train / validation / test
+    prompt, completion = render(task, row, index, seed)  # templates.py: each example, phrasing by (seed, index)
+
+:func:`prepare` is that pass for one data source. ``train``, ``eval`` and ``forgetting`` share
+it, so a test split evaluated later is exactly the one held out in training.
+
+:func:`prepare_mixture` is a multi-task mixture (``--task NAME[:TEMPLATE]=SOURCE``, repeated): the
+same pass for each task, then the mixing of the training splits (:mod:`peftlab.data.mixtures`).
+Each task keeps its own validation and test examples, so per-task evaluation sees exactly what
+training held out.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from peftlab.data.mixtures import Mixture, TaskSpec, mix, parse_tasks
 from peftlab.data.sources import load_records
 from peftlab.data.splits import parse_fractions, split_records
 from peftlab.data.templates import TaskTemplates, render, resolve_templates
+
+# ------------------------------------------------------------------------------------------ one task
 
 
 @dataclass
@@ -34,15 +48,60 @@ class PreparedData:
 
 
 def prepare(source: str, template: str | None, fractions: str, seed: int) -> PreparedData:
+    """One source through the pass; ``seed`` draws the split and each example's phrasing."""
     records = load_records(source)
     task = resolve_templates(template, records)
     splits = split_records(records, parse_fractions(fractions), seed=seed)
-    rendered = {}
-    for name, rows in splits.items():
-        examples = []
-        for row in rows:
-            index = row["_index"]
-            prompt, completion = render(task, row, index, seed)
-            examples.append(Example(prompt, completion, index, row))
-        rendered[name] = examples
-    return PreparedData(task, rendered)
+    return PreparedData(task, {name: [_example(task, row, seed) for row in rows] for name, rows in splits.items()})
+
+
+def _example(task: TaskTemplates, row: dict, seed: int) -> Example:
+    """``row`` rendered; its position in the source (``row["_index"]``, kept by the split) picks the phrasing."""
+    index = row["_index"]
+    return Example(*render(task, row, index, seed), index, row)
+
+
+# ----------------------------------------------------------------------------------------- a mixture
+
+
+@dataclass
+class MultiTaskData:
+    """Every task prepared on its own, and the mixture of their training splits."""
+
+    tasks: dict[str, PreparedData]
+    """Per task: its templates and its train / validation / test examples."""
+    mixture: Mixture[Example]
+
+    @property
+    def train(self) -> list[Example]:
+        """The mixed training list: what the training loop takes as its training split."""
+        return self.mixture.examples
+
+    def split(self, name: str) -> dict[str, list[Example]]:
+        """``split("validation")`` -> {task: that task's validation examples}."""
+        return {task: data.splits[name] for task, data in self.tasks.items()}
+
+
+def prepare_mixture(
+    specs: Sequence[str | TaskSpec],
+    fractions: str = "0.8,0.1,0.1",
+    split_seed: int = 0,
+    strategy: str = "proportional",
+    cap: int | None = None,
+    temperature: float = 1.0,
+    size: int | None = None,
+    seed: int = 0,
+    limit: int | None = None,
+) -> MultiTaskData:
+    """:func:`prepare` for each task (the same fractions and split seed for all), then :func:`mix`
+    of their training splits (each cut to ``limit`` first), drawn with ``seed``."""
+    tasks = {spec.name: prepare(spec.source, spec.template, fractions, split_seed) for spec in parse_tasks(specs)}
+    train = {name: data.splits["train"][:limit] for name, data in tasks.items()}
+    return MultiTaskData(tasks, mix(train, size, strategy, cap, temperature, seed))
+
+
+def mixture_records(mixture: Mixture[Example]) -> list[dict]:
+    """The mixed list as ``{"prompt", "completion", "task"}`` records: written to a .jsonl file, it trains
+    with the unchanged loop as ``--data FILE --template prompt_completion --split-fractions 1,0,0``."""
+    return [{"prompt": ex.prompt, "completion": ex.completion, "task": task}
+            for ex, task in zip(mixture.examples, mixture.tasks)]  # fmt: skip
