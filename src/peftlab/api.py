@@ -203,9 +203,4 @@ def demo(config: DemoConfig | None = None, *, log: Log = lambda _: None, **optio
 
     A ``peftlab compare`` with small, fixed settings: rerunning it reuses what already finished.
     """
-    config = _config(DemoConfig, config, options)
-    return compare(CompareConfig(model=config.model, data=config.data, out=config.out, methods=config.methods,
-                                 train_limit=config.train_examples, test_limit=config.test_examples,
-                                 max_steps=config.max_steps, batch_size=config.batch_size,
-                                 max_new_tokens=config.max_new_tokens, seed=config.seed, latency_examples=0,
-                                 device=config.device), log=log)
+    return compare(_config(DemoConfig, config, options).compare_config(), log=log)

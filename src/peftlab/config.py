@@ -6,7 +6,9 @@ recipes and the Python API can never disagree. Values are merged in this order, 
 
     field defaults  <  --config recipe.yaml  <  --flags  <  key=value overrides
 
-Unknown keys are rejected with a suggestion; ``__post_init__`` rejects contradictory settings.
+Options several commands take (``--dtype``, ``--device``, ``--chat-template`` ...) are declared once,
+by the ``*_option()`` functions. Unknown keys are rejected with a suggestion; ``__post_init__``
+rejects contradictory settings, and ``TrainConfig`` the method's own (``--rank 0``) before a model loads.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from peftlab import method_table
 from peftlab.errors import UserError
 
 
@@ -38,10 +41,34 @@ def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | 
 
 REQUIRED = dataclasses.MISSING
 DTYPES = ("float32", "bfloat16", "float16")
-# Peak learning rates that work for each method (few parameters, or soft prompts, want larger steps).
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "adapter": 1e-3, "prompt": 3e-2, "prefix": 1e-3,
-              "ia3": 1e-3, "bitfit": 1e-3, "layernorm": 1e-3, "selective": 1e-3}
-METHOD_NAMES = ("full", "lora", "dora", "qlora", "adapter", "prompt", "prefix", "ia3", "bitfit", "layernorm", "selective")
+
+
+# ----------------------------------------------------------------------------------------------
+# Options several commands take: declared once (a command may say more in its own help text)
+
+
+def dtype_option(help: str = "Model weights dtype.") -> str:
+    return option("float32", help, choices=DTYPES)
+
+
+def device_option() -> str:
+    return option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+
+
+def chat_template_option(help: str = "Wrap prompts in the tokenizer's chat template: auto, on, off.") -> str:
+    return option("auto", help, choices=("auto", "on", "off"))
+
+
+def trust_pickle_option(help: str = "Allow loading a pickled (.bin) adapter.") -> bool:
+    return option(False, help)
+
+
+def quantize_option(help: str) -> str | None:
+    return option(None, help, choices=("nf4",))
+
+
+def bootstrap_option() -> int:
+    return option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +120,7 @@ class TrainConfig:
     mix_size: int | None = option(None, "Training examples drawn from the mixture (default: one capped pass over all tasks).")
     method: str = option("full", "Fine-tuning method: full (every weight); reparameterising lora, dora; additive adapter "
                                  "(bottleneck), prompt (soft prompt), prefix, ia3; selective bitfit, layernorm, selective.",
-                         choices=METHOD_NAMES)
+                         choices=method_table.NAMES)
     template: str | None = option(None, "Prompt template: a built-in name or a YAML file. Default: detected from the data's fields.")
     split_fractions: str = option("0.8,0.1,0.1", "train,validation,test fractions of the data (sum to 1).")
     split_seed: int = option(0, "Seed of the train/validation/test split and of the per-example template choice.")
@@ -110,14 +137,14 @@ class TrainConfig:
     max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this value (None: no clipping).")
     max_length: int = option(512, "Maximum tokens of prompt + completion (the prompt is cut from the left when longer).")
     max_target_length: int = option(128, "Maximum completion tokens (cut from the right).")
-    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.", choices=("auto", "on", "off"))
+    chat_template: str = chat_template_option("Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.")
     eval_every: int = option(0, "Compute the validation loss every N steps (0: only at the end).")
     eval_limit: int | None = option(64, "Validation examples used for the validation loss (None: all).")
     save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
     log_every: int = option(1, "Write training metrics every N steps.")
     seed: int = option(42, "Seed of initialisation, data order and dropout.")
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available).")
+    dtype: str = dtype_option()
+    device: str = device_option()
     resume: bool = option(False, "Continue the run in --out from its newest checkpoint.")
     overwrite: bool = option(False, "Replace a run already in --out (the old one is kept until the new one finishes).")
     # --- LoRA family (lora, dora)
@@ -130,8 +157,7 @@ class TrainConfig:
     exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
     layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
     # --- QLoRA: a 4-bit NF4 base under LoRA-family adapters
-    quantize: str | None = option(None, "Store the frozen base's linear layers as 4-bit NF4 (with lora/dora; implied by qlora).",
-                                  choices=("nf4",))
+    quantize: str | None = quantize_option("Store the frozen base's linear layers as 4-bit NF4 (with lora/dora; implied by qlora).")
     compute_dtype: str = option("bfloat16", "qlora / --quantize: dtype the 4-bit weights are dequantised to for compute.",
                                 choices=("float32", "bfloat16"))
     # --- additive methods
@@ -159,7 +185,7 @@ class TrainConfig:
             raise UserError("give the training data with --data PATH, or a multi-task mixture with --task NAME=PATH (repeated), not both")
         if self.prompt_init_text and self.prompt_init != "text":
             self.prompt_init = "text"  # giving the text is asking for it
-        if self.quantize and self.method not in ("lora", "dora", "qlora"):
+        if self.quantize and method_table.get(self.method).quantised_base == "never":
             raise UserError(f"--quantize nf4 puts LoRA-family adapters on a 4-bit base; it does not apply to --method {self.method}")
         if self.regularize and self.method != "full":
             raise UserError(f"--regularize applies to full fine-tuning; --method {self.method} already keeps the base weights frozen")
@@ -175,10 +201,15 @@ class TrainConfig:
             raise UserError("--resume and --overwrite contradict each other: pick one")
         if self.max_target_length >= self.max_length:
             raise UserError(f"--max-target-length ({self.max_target_length}) must be smaller than --max-length ({self.max_length})")
+        # The method's own config (peft.LoraConfig ...) checks --rank, --alpha, --num-virtual-tokens ... now, before a
+        # model loads. Building it needs no model, but imports torch: hence imported here, not at the top.
+        from peftlab.training.methods import check_options
+
+        check_options(self)
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else method_table.get(self.method).default_lr
 
 
 @dataclass
@@ -198,13 +229,13 @@ class EvalConfig:
     batch_size: int = option(8, "Prompts generated together.")
     max_new_tokens: int = option(96, "Tokens generated per prompt at most (greedy).")
     max_length: int = option(512, "Maximum prompt tokens (cut from the left).")
-    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
+    chat_template: str = chat_template_option()
     use_stemmer: bool = option(False, "Porter-stem tokens before ROUGE matching (as rouge-score's use_stemmer).")
-    bootstrap: int = option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
-    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
-    quantize: str | None = option(None, "Evaluate on a 4-bit NF4 base, as a QLoRA adapter was trained.", choices=("nf4",))
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    bootstrap: int = bootstrap_option()
+    trust_pickle: bool = trust_pickle_option("Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    quantize: str | None = quantize_option("Evaluate on a 4-bit NF4 base, as a QLoRA adapter was trained.")
+    dtype: str = dtype_option()
+    device: str = device_option()
     overwrite: bool = option(False, "Replace predictions.jsonl/metrics.json already in --out.")
 
     def __post_init__(self) -> None:
@@ -224,10 +255,10 @@ class GenerateConfig:
     batch_size: int = option(8, "Prompts generated together.")
     max_new_tokens: int = option(96, "Tokens generated per prompt at most (greedy).")
     max_length: int = option(512, "Maximum prompt tokens (cut from the left).")
-    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
-    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    chat_template: str = chat_template_option()
+    trust_pickle: bool = trust_pickle_option()
+    dtype: str = dtype_option()
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         validate_choices(self)
@@ -243,10 +274,10 @@ class MergeConfig:
     model: str = option(REQUIRED, "Base model the adapter was trained on.")
     adapter: str = option(REQUIRED, "LoRA/DoRA adapter folder (peft format).")
     out: str = option(REQUIRED, "Folder for the merged model (loads with AutoModel*.from_pretrained).")
-    dtype: str = option("float32", "dtype of the merged weights.", choices=DTYPES)
-    quantize: str | None = option(None, "The adapter was trained on a 4-bit NF4 base (QLoRA): merge into that base's "
-                                        "dequantised weights.", choices=("nf4",))
-    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    dtype: str = dtype_option("dtype of the merged weights.")
+    quantize: str | None = quantize_option("The adapter was trained on a 4-bit NF4 base (QLoRA): merge into that base's "
+                                           "dequantised weights.")
+    trust_pickle: bool = trust_pickle_option("Allow loading a pickled (.bin) adapter. Only for files you trust.")
     overwrite: bool = option(False, "Replace a model already in --out (the old one is kept until the new one is written).")
 
 
@@ -257,7 +288,7 @@ class ScoreConfig:
     predictions: str = option(REQUIRED, "Predictions: a text file (one a line) or JSONL (strings or objects with 'text').")
     references: str = option(REQUIRED, "References, same format and order as the predictions.")
     use_stemmer: bool = option(False, "Porter-stem tokens before ROUGE matching.")
-    bootstrap: int = option(0, "Bootstrap resamples for 95% intervals of the ROUGE means (0: none).")
+    bootstrap: int = bootstrap_option()
     json: str | None = option(None, "Also write the aggregate metrics to this JSON file.")
     per_example: str | None = option(None, "Write one JSON line of scores per example to this file.")
 
@@ -288,8 +319,8 @@ class ExperimentConfig:
     max_length: int = option(512, "Maximum tokens of a training example / prompt.")
     eval_batch_size: int = option(8, "Prompts generated together.")
     latency_examples: int = option(8, "Prompts timed with the adapter unmerged and merged (0: skip).")
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    dtype: str = dtype_option()
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         validate_choices(self)
@@ -309,7 +340,7 @@ class CompareConfig(ExperimentConfig):
 class SweepConfig(ExperimentConfig):
     """``peftlab sweep``: one method, one option over several values (e.g. --rank 1,2,4,8,16,32,64)."""
 
-    method: str = option("lora", "The training method swept.", choices=METHOD_NAMES)
+    method: str = option("lora", "The training method swept.", choices=method_table.NAMES)
     sweep: str = option(REQUIRED, "OPTION=V1,V2,... of any training option, e.g. rank=1,2,4,8 (or write --rank 1,2,4,8).", kw_only=True)
 
 
@@ -362,10 +393,10 @@ class ForgettingConfig:
     threshold: float | None = option(None, "Flag a task whose score drops by more than this (default 0.05, or the suite's).")
     batch_size: int = option(8, "Prompts per forward pass.")
     max_length: int = option(512, "Maximum prompt tokens.")
-    chat_template: str = option("auto", "Wrap prompts in the tokenizer's chat template: auto, on, off.", choices=("auto", "on", "off"))
-    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    chat_template: str = chat_template_option()
+    trust_pickle: bool = trust_pickle_option()
+    dtype: str = dtype_option()
+    device: str = device_option()
     overwrite: bool = option(False, "Replace results already in --out.")
 
     def __post_init__(self) -> None:
@@ -389,9 +420,9 @@ class HarnessConfig:
     max_gen_toks: int | None = option(None, "Generation tasks: tokens generated at most (default: the task's).")
     apply_chat_template: bool = option(False, "Wrap each prompt in the tokenizer's chat template (instruction-tuned models), as lm-eval's --apply_chat_template.")
     out: str | None = option(None, "Folder for results.json.")
-    trust_pickle: bool = option(False, "Allow loading a pickled (.bin) adapter.")
-    dtype: str = option("float32", "Model weights dtype.", choices=DTYPES)
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    trust_pickle: bool = trust_pickle_option()
+    dtype: str = dtype_option()
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         validate_choices(self)
@@ -421,10 +452,16 @@ class DemoConfig:
     batch_size: int = option(8, "Examples per step.")
     max_new_tokens: int = option(64, "Tokens generated per summary at most (greedy).")
     seed: int = option(42, "Seed.")
-    device: str = option("auto", "cpu, cuda, cuda:N or auto.")
+    device: str = device_option()
 
     def __post_init__(self) -> None:
         _positive(self, "train_examples", "test_examples", "max_steps", "batch_size", "max_new_tokens")
+
+    def compare_config(self) -> CompareConfig:
+        """The ``peftlab compare`` the demo is: its own options, with the example counts as limits and no latency timing."""
+        same = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("train_examples", "test_examples")}
+        return CompareConfig(**same, train_limit=self.train_examples, test_limit=self.test_examples, latency_examples=0)
 
 
 # ----------------------------------------------------------------------------------------------

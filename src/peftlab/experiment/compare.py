@@ -31,11 +31,11 @@ from typing import Callable
 
 import yaml
 
+from peftlab import method_table
 from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
 from peftlab.outputs import write_atomic
 
-MERGEABLE = ("lora", "dora", "qlora")
 EVAL_ONLY = ("base", "fewshot")
 # Settings that must agree for finished variants to be reused by a rerun.
 _SHARED = ("model", "data", "template", "split_fractions", "split_seed", "train_limit", "test_limit", "max_steps",
@@ -52,8 +52,6 @@ class Variant:
 
 def parse_methods(text: str) -> list[Variant]:
     """``base,fewshot:3,full,lora`` -> variants; unknown names fail with the list of known ones."""
-    from peftlab.config import METHOD_NAMES
-
     variants = []
     for item in [x.strip() for x in text.split(",") if x.strip()]:
         name, _, arg = item.partition(":")
@@ -63,10 +61,10 @@ def parse_methods(text: str) -> list[Variant]:
             if not arg.isdigit() or int(arg) <= 0:
                 raise UserError(f"'{item}': write fewshot:K with K > 0 training examples in the prompt, e.g. fewshot:3")
             variants.append(Variant(item, "fewshot", fewshot=int(arg)))
-        elif name in METHOD_NAMES and not arg:
+        elif name in method_table.METHODS and not arg:
             variants.append(Variant(name, name, {"method": name}))
         else:
-            known = ", ".join(("base", "fewshot:K", *METHOD_NAMES))
+            known = ", ".join(("base", "fewshot:K", *method_table.NAMES))
             raise UserError(f"unknown method '{item}' in --methods; choose from {known}")
     if not variants:
         raise UserError("--methods is empty; e.g. --methods base,full,lora")
@@ -165,7 +163,8 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
         final = run / "final"
         adapter = (final / "adapter_config.json").is_file()
         model_eval = {"model": config.model, "adapter": str(final)} if adapter else {"model": str(final)}
-        if variant.method == "qlora" or train.get("quantize"):
+        facts = method_table.get(variant.method)
+        if facts.quantised_base == "always" or train.get("quantize"):
             model_eval["quantize"] = "nf4"  # evaluate on the 4-bit base it was trained on
         recipe = _write_recipe(folder / "eval.yaml", {**common_eval, **model_eval, "out": str(folder / "eval")})
         _run(["eval", "--config", str(recipe)], log)
@@ -176,7 +175,7 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
             train_peak_memory=info["result"]["peak_memory"], eval_loss=info["result"]["eval_loss"],
             train_loss=info["result"]["train_loss"], steps=info["result"]["steps"],
         )
-        if variant.method in MERGEABLE and config.latency_examples:
+        if facts.mergeable and config.latency_examples:
             result["merged"] = _merged_latency(config, folder, final, {**common_eval, **model_eval}, log)
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     gen = metrics["generation"]

@@ -3,13 +3,11 @@
 A method decides which parameters train (``prepare``) and what ``final/`` holds
 (``save_final``): ``full`` trains every weight and saves an HF model folder; every PEFT method
 injects its adapter, freezes the rest, and saves a peft-format adapter folder. The loop never
-branches on the method: adding one is a config builder and an entry in ``METHODS``.
+branches on the method. What each method is (family, default learning rate, saved format) lives in
+``peftlab.method_table``; adding a method is an entry there and a builder in ``METHODS`` here.
 
-    family            methods (--method)
-    full              full
-    reparameterising  lora, dora (weight-decomposed), qlora (LoRA on a 4-bit NF4 base)
-    additive          adapter (bottleneck, --adapter-placement houlsby|pfeiffer), prompt, prefix, ia3
-    selective         bitfit, layernorm, selective (--train-modules / --train-layers)
+Building a method's own config (``peft.LoraConfig`` ...) needs no model, and its ``__post_init__``
+rejects bad settings (``--rank 0``): ``check_options`` runs it before anything loads.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from peftlab import peft
+from peftlab import method_table, peft
 from peftlab.errors import UserError
 from peftlab.peft.core import ParameterReport, parameter_report  # noqa: F401  (re-exported for the loop)
 
@@ -72,12 +70,16 @@ class Method:
     config: Callable[[Any], Any] | None  # TrainConfig -> the method's own config (None: full fine-tuning)
     apply: Callable[..., torch.nn.Module] | None  # (model, method config, loaded, TrainConfig) -> model, only its params trainable
 
+    @property
+    def facts(self) -> method_table.MethodFacts:
+        return method_table.METHODS[self.name]
+
     def prepare(self, loaded, config) -> torch.nn.Module:
         if self.apply is None:
             for p in loaded.model.parameters():
                 p.requires_grad_(True)
             return loaded.model
-        if config.quantize == "nf4" and self.name != "qlora":
+        if config.quantize == "nf4" and self.facts.quantised_base == "optional":  # qlora quantises in its own apply
             peft.quantize_model(loaded.model, config.compute_dtype, device=_device(loaded.model))
         return self.apply(loaded.model, self.config(config), loaded, config)
 
@@ -105,9 +107,15 @@ METHODS: dict[str, Method] = {
 
 
 def get(name: str) -> Method:
-    if name not in METHODS:
-        raise UserError(f"unknown method '{name}'; choose one of: {', '.join(METHODS)}")
+    method_table.get(name)  # an unknown name fails with the list of methods
     return METHODS[name]
+
+
+def check_options(config) -> None:
+    """Reject the method's bad settings (``--rank 0``, ``--num-virtual-tokens 0`` ...) before a model loads."""
+    method = get(config.method)
+    if method.config is not None:
+        method.config(config)
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
