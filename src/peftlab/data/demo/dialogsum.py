@@ -11,10 +11,10 @@ How it is generated. There are twelve scenario families (booking a table, resche
 meeting, returning an item, asking directions, planning a trip, borrowing something, a doctor's
 appointment, a job interview, birthday plans, ordering food, buying cinema tickets, viewing a
 flat). A family draws its facts (names, days, times, places, items, prices, reasons) from the
-pools below, then writes the turns, picking one of several phrasings per turn. Most families
-branch on a change of plan: the first proposal fails (the time is booked, the item is out of
-stock, the city is too expensive ...) and the speakers settle on another. Some dialogues open
-with two turns of small talk that the summary ignores.
+pools below and those of ``common.py`` (names, cities), then writes the turns, picking one of
+several phrasings per turn. Most families branch on a change of plan: the first proposal fails
+(the time is booked, the item is out of stock, the city is too expensive ...) and the speakers
+settle on another. Some dialogues open with two turns of small talk that the summary ignores.
 
 How summaries are derived. Each family writes its summary from the same facts it used for the
 turns, after the branch is taken: who (``#Person1#`` and the named speaker), what, when and
