@@ -1,4 +1,4 @@
-"""The training loop: completion-only loss, overfitting, accumulation, checkpoints and exact resume."""
+"""The training loop: completion-only loss, overfitting, accumulation, checkpoints, exact resume, weight decay."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from peftlab.config import TrainConfig
 from peftlab.data.encode import IGNORE_INDEX, collate, encode_example
-from peftlab.training.loop import lr_lambda, micro_batches, train
+from peftlab.errors import UserError
+from peftlab.progress import silent
+from peftlab.training import loop
+from peftlab.training.loop import build_optimizer, lr_lambda, micro_batches, prepare_model, train
 from peftlab.training.loss import completion_loss, target_count
 
 
@@ -127,6 +130,16 @@ def test_resume_continues_bit_identically(tiny_llama_dir, tmp_path):
     assert losses(straight.run_dir)[-5:] == losses(resumed.run_dir)[-5:]
 
 
+def test_resume_with_other_weight_decay_groups_is_a_user_error(tiny_llama_dir, tmp_path):
+    data = write_dialogues(tmp_path / "d.jsonl", n=20)
+    common = dict(model=str(tiny_llama_dir), data=str(data), out=str(tmp_path / "r"), max_steps=3, batch_size=4,
+                  save_every=1, device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**common), progress=_Interrupt(at=2))
+    with pytest.raises(UserError, match="--weight-decay"):  # norms now in a group of their own
+        train(TrainConfig(resume=True, weight_decay=0.1, **common))
+
+
 def test_checkpoint_holds_weights_optimizer_and_position(tiny_llama_dir, tmp_path):
     data = write_dialogues(tmp_path / "d.jsonl", n=20)
     result = train(TrainConfig(model=str(tiny_llama_dir), data=str(data), out=str(tmp_path / "r"), max_steps=4,
@@ -135,6 +148,50 @@ def test_checkpoint_holds_weights_optimizer_and_position(tiny_llama_dir, tmp_pat
     state = json.loads((step2 / "state.json").read_text())
     assert state["step"] == 2 and state["epoch"] == 0 and state["next_micro"] == 2
     assert {"weights.safetensors", "optimizer.pt", "rng.pt", "state.json"} <= {p.name for p in step2.iterdir()}
+
+
+@pytest.mark.parametrize("method, vectors", [("full", "norm.weight"), ("dora", "lora_magnitude_vector"),
+                                             ("ia3", "ia3_l"), ("prompt", None)])
+def test_weight_decay_shrinks_matrices_only(method, vectors, tiny_llama_dir):
+    # with zero gradients AdamW's step is the decay alone: p <- p * (1 - lr * wd) for decayed tensors
+    config = TrainConfig(model=str(tiny_llama_dir), data="unused.jsonl", out="unused", method=method, lr=0.1,
+                         weight_decay=0.5, warmup_ratio=0.0, num_virtual_tokens=4, device="cpu")
+    model = prepare_model(config, silent, lambda _: None).model
+    optim = build_optimizer(config, model, steps=10)
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    for p in trainable.values():
+        p.grad = torch.zeros_like(p)
+        p.data += 1.0  # away from 0 (LoRA's B starts there), so that decay shows
+    before = {name: p.detach().clone() for name, p in trainable.items()}
+    optim.optimizer.step()
+    kept = {name for name, p in trainable.items() if torch.equal(p, before[name])}
+    assert kept == {name for name in trainable if vectors and vectors in name}  # ia3_l is (out, 1) or (1, in): a vector
+    for name in trainable.keys() - kept:
+        assert torch.allclose(trainable[name], before[name] * (1 - 0.1 * 0.5), rtol=1e-6, atol=0), name
+
+
+def test_metrics_file_is_closed_when_a_step_raises(tiny_llama_dir, tmp_path, monkeypatch):
+    logs, calls, step = [], [0], loop.train_step
+
+    class Spy(loop.MetricsLog):
+        def __enter__(self):
+            logs.append(super().__enter__())
+            return logs[-1]
+
+    def failing_step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("boom")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "MetricsLog", Spy)
+    monkeypatch.setattr(loop, "train_step", failing_step)
+    data = write_dialogues(tmp_path / "d.jsonl", n=20)
+    with pytest.raises(RuntimeError, match="boom"):
+        train(TrainConfig(model=str(tiny_llama_dir), data=str(data), out=str(tmp_path / "r"), max_steps=4,
+                          batch_size=4, save_every=1, device="cpu"))
+    assert len(logs) == 1 and logs[0]._file.closed
+    assert [r["step"] for r in map(json.loads, (tmp_path / "r" / "metrics.jsonl").read_text().splitlines())] == [1, 2]
 
 
 @pytest.mark.slow
