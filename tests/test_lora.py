@@ -220,3 +220,13 @@ def test_rank_larger_than_layer(tiny_llama_dir):
 def test_merge_and_unload_without_adapters(tiny_llama_dir):
     with pytest.raises(UserError, match="no LoRA layers"):
         merge_and_unload(load(tiny_llama_dir))
+
+
+def test_targets_as_a_comma_separated_string(tiny_llama_dir):
+    """The Python API reads ``targets`` and ``exclude`` as ``--targets q_proj,v_proj`` does: two patterns."""
+    config = LoraConfig(rank=2, targets="q_proj,v_proj", exclude="model.layers.1.self_attn.v_proj")
+    assert config.targets == ["q_proj", "v_proj"] and config.exclude == ["model.layers.1.self_attn.v_proj"]
+    model = apply_lora(load(tiny_llama_dir), config)
+    adapted = [n for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+    assert adapted == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                       "model.layers.1.self_attn.q_proj"]

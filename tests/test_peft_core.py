@@ -29,6 +29,7 @@ from peftlab.peft import (
     save_adapter,
     select_modules,
 )
+from peftlab.peft.core import split_patterns
 
 
 @pytest.fixture
@@ -61,6 +62,16 @@ def test_suffix_exact_and_dotted_suffix(llama):
     # a suffix matches whole names only: "proj" is not a suffix of "q_proj" at a dot
     with pytest.raises(UserError, match="'proj' matches no layer"):
         select_modules(llama, ["proj"])
+
+
+def test_comma_separated_patterns_are_split_as_on_the_command_line():
+    assert split_patterns("q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert split_patterns(" q_proj , v_proj, ") == ["q_proj", "v_proj"]
+    assert split_patterns("q_proj") == ["q_proj"]
+    assert split_patterns("all-linear") == ["all-linear"]
+    assert split_patterns(r"re:.*layers\.\d{1,2}\.q_proj") == [r"re:.*layers\.\d{1,2}\.q_proj"]  # a regex's commas
+    assert split_patterns(["a,b", "c"]) == ["a,b", "c"]  # a list is taken as is
+    assert split_patterns(()) == [] and split_patterns(None) is None
 
 
 def test_regex_is_a_full_match(llama):

@@ -256,6 +256,21 @@ def test_ia3_defaults_follow_peft():
     assert all(ff == n.endswith("wo") for n, ff in layers.items())
 
 
+def test_pattern_fields_split_at_commas():
+    """Every method's pattern fields take a comma-separated string as the command line does."""
+    skip_block_1 = r"re:.*layers\.1\d{0,2}\..*"  # a regex's commas are its own
+    ia3 = IA3Config(targets="k_proj,v_proj,down_proj", feedforward="down_proj", exclude=skip_block_1)
+    assert (ia3.targets, ia3.feedforward, ia3.exclude) == (["k_proj", "v_proj", "down_proj"], ["down_proj"], [skip_block_1])
+    layers = {n: m.feedforward for n, m in apply(base("llama"), ia3).named_modules() if isinstance(m, IA3Linear)}
+    assert layers == {"model.layers.0.self_attn.k_proj": False, "model.layers.0.self_attn.v_proj": False,
+                      "model.layers.0.mlp.down_proj": True}
+    assert BottleneckConfig(targets="o_proj,down_proj").targets == ["o_proj", "down_proj"]
+    t5 = apply(base("t5"), SelectiveConfig(method="selective", train_modules="q,EncDecAttention.k", train_layers="0"))
+    names = {n for n, p in t5.named_parameters() if p.requires_grad}
+    assert names == {"encoder.block.0.layer.0.SelfAttention.q.weight", "decoder.block.0.layer.0.SelfAttention.q.weight",
+                     "decoder.block.0.layer.1.EncDecAttention.q.weight", "decoder.block.0.layer.1.EncDecAttention.k.weight"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation with soft prompts and prefixes
 

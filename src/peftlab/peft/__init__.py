@@ -3,7 +3,7 @@
 ``core`` selects and wraps layers and counts parameters for every method; each method is one
 file (``lora``: LoRA, rsLoRA, DoRA; ``bottleneck``: Houlsby/Pfeiffer adapters; ``prompt_tuning``:
 soft prompts; ``prefix``: prefix tuning; ``ia3``: (IA)^3; ``selective``: BitFit, LayerNorm and
-chosen layers) and registers its on-disk format; ``io`` reads and writes peft adapter folders;
+chosen layers) and registers its on-disk format; ``formats`` reads and writes peft adapter folders;
 ``inspect`` reads soft prompts back as vocabulary tokens.
 """
 

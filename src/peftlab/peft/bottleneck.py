@@ -35,9 +35,18 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.peft.core import WrappedLinear, adapter_modules, freeze_all_but_adapters, get_module, replace_module, select_modules
+from peftlab.peft.core import (
+    DTYPES,
+    WrappedLinear,
+    adapter_modules,
+    dtype_named,
+    freeze_all_but_adapters,
+    get_module,
+    replace_module,
+    select_modules,
+    split_patterns,
+)
 from peftlab.peft.formats import AdapterFormat, register_format
-from peftlab.peft.lora import DTYPES
 
 PLACEMENTS = ("houlsby", "pfeiffer")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -59,7 +68,8 @@ class BottleneckConfig:
     activation: str = "relu"
     """The nonlinearity between the projections: relu, gelu, silu or tanh."""
     targets: str | Sequence[str] | None = None
-    """Override the placement: the layers (names, suffixes, ``re:``) whose outputs get an adapter."""
+    """Override the placement: the layers (names, suffixes, ``re:``; a list or a comma-separated string) whose
+    outputs get an adapter."""
     adapter_dtype: str = "float32"
     """dtype of the adapter weights (float32 also on a bfloat16 base)."""
 
@@ -71,8 +81,8 @@ class BottleneckConfig:
             raise UserError(f"adapter placement must be one of {', '.join(PLACEMENTS)}, not {self.placement!r}")
         if self.activation not in ACTIVATIONS:
             raise UserError(f"adapter activation must be one of {', '.join(ACTIVATIONS)}, not {self.activation!r}")
-        if self.adapter_dtype not in DTYPES:
-            raise UserError(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype_named(self.adapter_dtype)  # raises on an unknown name
+        self.targets = split_patterns(self.targets)
 
 
 class BottleneckAdapter(WrappedLinear):

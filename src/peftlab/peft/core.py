@@ -18,6 +18,9 @@ Target patterns (the same syntax for ``targets`` and ``exclude``):
 - ``"q_proj"``: an exact module path or a suffix of one at a dot (``model.layers.0.self_attn.q_proj``);
 - ``"re:.*layers\\.[01]\\..*proj"``: a regex that must match the whole module path;
 - ``"all-linear"``: every ``nn.Linear`` except the output head (``model.get_output_embeddings()``).
+
+Method configs take a list of patterns or one string split at commas, as ``--targets q_proj,v_proj``
+is (:func:`split_patterns`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt_bigcode": ("c_attn",),
 }
 
+# dtypes adapter weights may be kept in, by the names configs and adapter files use.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}
+
 # The block index of a module path: the first ``layers.N`` / ``block.N`` / ``h.N`` in it (as peft's layers_pattern).
 LAYER_PATTERN = re.compile(r"(?:^|\.)(layers|block|h)\.(\d+)(?:\.|$)")
 
@@ -82,6 +90,13 @@ class WrappedLinear(nn.Module):
         return self.base_layer.out_features
 
 
+def dtype_named(name: str, field: str = "adapter_dtype") -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; a :class:`UserError` naming ``field`` for a name not in :data:`DTYPES`."""
+    if name not in DTYPES:
+        raise UserError(f"{field} {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 @runtime_checkable
 class AdapterModule(Protocol):
     """What every adapter layer provides: its own trainable tensors, named relative to itself."""
@@ -91,6 +106,21 @@ class AdapterModule(Protocol):
 
 # ---------------------------------------------------------------------------------------------
 # Selecting modules
+
+
+def split_patterns(value: str | Sequence[str] | None) -> list[str] | None:
+    """Target patterns as a list, read as the command line reads them: ``"q_proj,v_proj"`` -> two patterns.
+
+    ``all-linear`` and ``re:REGEX`` (whose commas belong to the regex) stay one pattern; a list is
+    taken as is; None (the method's default) stays None.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return list(value)
+    if value.startswith(REGEX_PREFIX) or value == ALL_LINEAR:
+        return [value]
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def parse_layers(spec: str | int | Iterable[int] | None) -> frozenset[int] | None:

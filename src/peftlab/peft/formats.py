@@ -9,9 +9,9 @@ Folders written here load with ``peft.PeftModel.from_pretrained`` and folders wr
     save_adapter(model, "runs/x/adapter", lora_config, base_model_name_or_path="HuggingFaceTB/SmolLM2-135M")
     model = load_adapter(AutoModelForCausalLM.from_pretrained(...), "runs/x/adapter")
 
-Each method registers an :class:`AdapterFormat` under its ``peft_type`` (LoRA registers
-``"LORA"`` below, the other methods at the end of their own modules); :func:`load_adapter`
-dispatches on the ``peft_type`` of the file.
+Each method registers an :class:`AdapterFormat` under its ``peft_type`` at the end of its own
+module (``"LORA"`` in :mod:`peftlab.peft.lora`); :func:`load_adapter` dispatches on the
+``peft_type`` of the file. The helpers at the end read and write peft's ``target_modules``.
 """
 
 from __future__ import annotations
@@ -29,15 +29,12 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import (
-    LAYER_PATTERN,
     REGEX_PREFIX,
     adapter_parameters,
     adapter_state_dict,
-    layer_index,
     load_adapter_state_dict,
     select_modules,
 )
-from peftlab.peft.lora import LoraConfig, LoraLinear, apply_lora, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -51,6 +48,11 @@ def _add_peft_prefix(key: str) -> str:
 
 def _strip_peft_prefix(key: str) -> str:
     return key.removeprefix(PEFT_PREFIX)
+
+
+def rename_key(old: str, new: str) -> Callable[[str], str]:
+    """A key mapping that renames ``old`` to ``new`` and keeps every other key (for one tensor saved under peft's name)."""
+    return lambda key: new if key == old else key
 
 
 @dataclass(frozen=True)
@@ -185,116 +187,27 @@ def load_adapter(
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA (peft_type "LORA"; rsLoRA and DoRA are flags of it)
-
-# peft LoraConfig fields that change the maths or add tensors we do not implement, with the value meaning "off".
-_UNSUPPORTED_LORA_FIELDS = {
-    "bias": "none",
-    "lora_bias": False,
-    "fan_in_fan_out": False,
-    "modules_to_save": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "layer_replication": None,
-    "trainable_token_indices": None,
-    "target_parameters": None,
-    "use_qalora": False,
-    "use_bdlora": None,
-    "alora_invocation_tokens": None,
-    "arrow_config": None,
-    "velora_config": None,
-    "monteclora_config": None,
-    "kasa_config": None,
-}
-# init_lora_weights values that leave the base weights and the LoRA forward as they are.
-_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+# peft's target_modules: a list of names/suffixes, or one string that is a full-match regex
 
 
-def lora_config_from_json(data: dict[str, Any]) -> LoraConfig:
-    for name, off in _UNSUPPORTED_LORA_FIELDS.items():
-        value = data.get(name, off)
-        if value != off and value not in (None, False, {}, []):
-            raise UserError(f"this LoRA adapter uses peft's {name}={value!r}, which peftlab does not support")
-    if data.get("init_lora_weights", True) not in _PLAIN_LORA_INITS:
-        raise UserError(
-            f"this LoRA adapter uses init_lora_weights={data['init_lora_weights']!r}, which changes the base "
-            "weights or the forward: convert it to plain LoRA with peft first"
-        )
-    layers = data.get("layers_to_transform")
-    patterns = data.get("layers_pattern")
-    patterns = [patterns] if isinstance(patterns, str) else patterns or []
-    if layers is not None and not set(patterns) <= {"layers", "block", "h"}:
-        raise UserError(f"this LoRA adapter uses layers_pattern={patterns!r}; peftlab knows layers, block and h")
-    return LoraConfig(  # peft's defaults where the file is silent
-        rank=data.get("r", 8),
-        alpha=data.get("lora_alpha", 8),
-        dropout=data.get("lora_dropout", 0.0),
-        targets=_patterns_from_json(data.get("target_modules")),
-        exclude=_patterns_from_json(data.get("exclude_modules")) or (),
-        layers=layers,
-        rslora=data.get("use_rslora", False),
-        dora=data.get("use_dora", False),
-    )
-
-
-def _patterns_from_json(value: str | list[str] | None) -> list[str] | None:
-    """peft's target_modules: a list of names/suffixes, or a string that is a full-match regex."""
+def patterns_from_json(value: str | list[str] | None) -> list[str] | None:
+    """peft's ``target_modules`` (or ``exclude_modules``, ``feedforward_modules``) as our target patterns."""
     if value is None:
         return None
     return [REGEX_PREFIX + value] if isinstance(value, str) else list(value)
 
 
-def lora_config_to_json(config: LoraConfig, model: nn.Module) -> dict[str, Any]:
-    """peft's LoraConfig fields; only long-standing ones, so that older peft versions read the file too."""
-    return {
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        **lora_target_fields(model),
-        "use_rslora": config.rslora,
-        "use_dora": config.dora,
-        "init_lora_weights": True,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-    }
-
-
-def lora_target_fields(model: nn.Module) -> dict[str, Any]:
-    """peft's ``target_modules`` (+ ``layers_to_transform``, ``layers_pattern``) for the LoRA layers in ``model``.
-
-    As peft itself writes them when possible: the sorted layer names (``["q_proj", "v_proj"]``),
-    restricted to some blocks if ``layers`` was used; otherwise (``exclude`` was used) a regex that
-    matches each adapted path.
-    """
-    paths = list(lora_layers(model))
+def target_names(
+    model: nn.Module, paths: list[str], adapter_type: type[nn.Module], layers: set[int] | None = None
+) -> list[str] | None:
+    """The sorted names of the adapter layers at ``paths`` (``["q_proj", "v_proj"]``), as peft writes
+    ``target_modules`` when it can: if, inside blocks ``layers`` (None: all), they select exactly those
+    layers; else None (write :func:`paths_regex` instead)."""
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    candidates = (nn.Linear, LoraLinear)
-    if set(select_modules(model, names, module_type=candidates)) == set(paths):
-        return {"target_modules": names, "layers_to_transform": None, "layers_pattern": None}
-    indices = {layer_index(p) for p in paths}
-    if None not in indices and set(select_modules(model, names, layers=indices, module_type=candidates)) == set(paths):
-        patterns = sorted({LAYER_PATTERN.search(p)[1] for p in paths})
-        return {
-            "target_modules": names,
-            "layers_to_transform": sorted(indices),
-            "layers_pattern": patterns[0] if len(patterns) == 1 else patterns,
-        }
-    return {
-        "target_modules": "|".join(re.escape(p) for p in paths),
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
+    selected = select_modules(model, names, layers=layers, module_type=(nn.Linear, adapter_type))
+    return names if set(selected) == set(paths) else None
 
 
-register_format(
-    "LORA",
-    AdapterFormat(
-        config_type=LoraConfig,
-        config_from_json=lora_config_from_json,
-        config_to_json=lora_config_to_json,
-        apply=lambda model, config: apply_lora(model, config, strict=False),
-    ),
-)
+def paths_regex(paths: list[str]) -> str:
+    """A ``target_modules`` regex that matches exactly these module paths."""
+    return "|".join(re.escape(p) for p in paths)

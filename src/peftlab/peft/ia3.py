@@ -21,7 +21,6 @@ The vectors live in float32 (also on a bfloat16 base), as in peft.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,18 +30,18 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import (
+    DTYPES,
     WrappedLinear,
-    REGEX_PREFIX,
     adapter_modules,
+    dtype_named,
     freeze_all_but_adapters,
     get_module,
     matches,
-    named_base_modules,
     replace_module,
     select_modules,
+    split_patterns,
 )
-from peftlab.peft.formats import AdapterFormat, register_format
-from peftlab.peft.lora import DTYPES
+from peftlab.peft.formats import AdapterFormat, paths_regex, patterns_from_json, register_format, target_names
 
 # HF peft's defaults (``TRANSFORMERS_MODELS_TO_IA3_*_MAPPING``) for the architectures we test and their kin.
 _LLAMA_LIKE = ("llama", "mistral", "smollm3", "olmo", "olmo2", "granite")
@@ -71,7 +70,8 @@ class IA3Config:
     """Where to put (IA)^3 scaling vectors."""
 
     targets: str | Sequence[str] | None = None
-    """Layers to rescale: names or suffixes, ``re:<regex>``, ``all-linear``; None: the architecture's default."""
+    """Layers to rescale: names or suffixes, ``re:<regex>``, ``all-linear``, a list of these or a comma-separated
+    string; None: the architecture's default."""
     feedforward: str | Sequence[str] | None = None
     """Which of the targets are feed-forward output layers (their input is scaled); None: the architecture's default."""
     exclude: str | Sequence[str] = ()
@@ -80,8 +80,10 @@ class IA3Config:
     """dtype of the vectors."""
 
     def __post_init__(self) -> None:
-        if self.adapter_dtype not in DTYPES:
-            raise UserError(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype_named(self.adapter_dtype)  # raises on an unknown name
+        self.targets = split_patterns(self.targets)
+        self.feedforward = split_patterns(self.feedforward)
+        self.exclude = split_patterns(self.exclude)
 
 
 class IA3Linear(WrappedLinear):
@@ -112,10 +114,6 @@ def _model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def _patterns(value: str | Sequence[str] | None) -> list[str]:
-    return [] if value is None else [value] if isinstance(value, str) else list(value)
-
-
 def apply_ia3(model: nn.Module, config: IA3Config, strict: bool = True) -> nn.Module:
     """Wrap the selected ``nn.Linear`` layers in :class:`IA3Linear` and freeze the rest; in place.
 
@@ -130,7 +128,6 @@ def apply_ia3(model: nn.Module, config: IA3Config, strict: bool = True) -> nn.Mo
     feedforward = config.feedforward
     if feedforward is None:
         feedforward = DEFAULT_IA3_FEEDFORWARD.get(model_type, ())
-    feedforward = _patterns(feedforward)
     paths = select_modules(model, targets, config.exclude, strict=strict)
     dtype = DTYPES[config.adapter_dtype]
     for path in paths:
@@ -151,11 +148,7 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
 
 def _names_or_regex(model: nn.Module, paths: list[str]) -> list[str] | str:
     """peft's way to name a set of layers: their sorted names if those select exactly them, else a full-match regex."""
-    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    candidates = [p for p, m in named_base_modules(model) if isinstance(m, (nn.Linear, IA3Linear))]
-    if {p for p in candidates if any(matches(n, p) for n in names)} == set(paths):
-        return names
-    return "|".join(re.escape(p) for p in paths)
+    return target_names(model, paths, IA3Linear) or paths_regex(paths)
 
 
 def ia3_config_to_json(config: IA3Config, model: nn.Module) -> dict[str, Any]:
@@ -171,12 +164,6 @@ def ia3_config_to_json(config: IA3Config, model: nn.Module) -> dict[str, Any]:
     }
 
 
-def _from_json_patterns(value: str | list[str] | None) -> list[str] | None:
-    if value is None:
-        return None
-    return [REGEX_PREFIX + value] if isinstance(value, str) else list(value)
-
-
 def ia3_config_from_json(data: dict[str, Any]) -> IA3Config:
     if data.get("fan_in_fan_out"):
         raise UserError("this (IA)^3 adapter uses fan_in_fan_out=True (Conv1D layers, GPT-2), which peftlab does not support")
@@ -184,9 +171,9 @@ def ia3_config_from_json(data: dict[str, Any]) -> IA3Config:
         raise UserError(f"this (IA)^3 adapter also trains modules_to_save={data['modules_to_save']!r}, "
                         "which peftlab does not support")
     return IA3Config(
-        targets=_from_json_patterns(data.get("target_modules")),
-        feedforward=_from_json_patterns(data.get("feedforward_modules")),  # None: the architecture's default, as peft
-        exclude=_from_json_patterns(data.get("exclude_modules")) or (),
+        targets=patterns_from_json(data.get("target_modules")),
+        feedforward=patterns_from_json(data.get("feedforward_modules")),  # None: the architecture's default, as peft
+        exclude=patterns_from_json(data.get("exclude_modules")) or (),
     )
 
 

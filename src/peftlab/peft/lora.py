@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,17 +45,21 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import (
+    DTYPES,
+    LAYER_PATTERN,
     WrappedLinear,
     adapter_modules,
+    dtype_named,
     freeze_all_but_adapters,
     get_module,
+    layer_index,
     parse_layers,
     replace_module,
     select_modules,
+    split_patterns,
 )
+from peftlab.peft.formats import AdapterFormat, patterns_from_json, paths_regex, register_format, target_names
 from peftlab.peft.nf4 import NF4Linear
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 @dataclass
@@ -68,7 +73,8 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout probability on the adapter's input (the base path sees the raw input)."""
     targets: str | Sequence[str] | None = None
-    """What to adapt: names or suffixes (``q_proj``), ``re:<regex>``, ``all-linear``; None: the model type's default."""
+    """What to adapt: names or suffixes (``q_proj``), ``re:<regex>``, ``all-linear``, a list of these or a
+    comma-separated string (``"q_proj,v_proj"``); None: the model type's default."""
     exclude: str | Sequence[str] = ()
     """Patterns removed from the selection (same syntax as ``targets``)."""
     layers: str | Sequence[int] | None = None
@@ -87,20 +93,105 @@ class LoraConfig:
             raise UserError(f"LoRA alpha must be positive, got {self.alpha!r}: use e.g. --alpha 16 (twice the rank)")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
-        if self.adapter_dtype not in DTYPES:
-            raise UserError(f"adapter_dtype {self.adapter_dtype!r} is not one of {', '.join(DTYPES)}")
+        dtype_named(self.adapter_dtype)  # raises on an unknown name
         parse_layers(self.layers)  # raises on a malformed spec
+        self.targets = split_patterns(self.targets)
+        self.exclude = split_patterns(self.exclude)
 
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
 
+class LoraVariant:
+    """Plain LoRA: the steps of :class:`LoraLinear` that a variant of LoRA may change.
+
+    A variant (as peft's ``LoraVariant``) is chosen once, when the layer is built, and holds no
+    tensors: whatever it adds (DoRA's magnitude) it registers on the layer, so the layer's
+    parameter names stay peft's. The update s B A itself is the layer's :meth:`~LoraLinear.delta_weight`.
+    """
+
+    name = "lora"
+
+    def init(self, layer: LoraLinear) -> None:
+        """Add the variant's own tensors to ``layer``, once A and B are initialised."""
+
+    def adapter_params(self, layer: LoraLinear) -> dict[str, nn.Parameter]:
+        """The variant's trainable tensors besides ``lora_A`` and ``lora_B``, named relative to ``layer``."""
+        return {}
+
+    def forward(self, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """The adapted output: ``result`` = W x + b (..., out) plus the update of ``x`` (..., in, adapter dtype)."""
+        return result + layer.lora_B(layer.lora_A(layer.dropout(x))) * layer.scaling
+
+    def merge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
+        """W <- W + s B A."""
+        weight.data += layer.delta_weight().to(weight.dtype)
+
+    def unmerge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
+        """W <- W - s B A."""
+        weight.data -= layer.delta_weight().to(weight.dtype)
+
+
+class DoraVariant(LoraVariant):
+    """DoRA: a learned per-row magnitude m (``lora_magnitude_vector``) times the adapted direction.
+
+    W' = m * (W + s B A) / n with n = ||W + s B A||_row, a constant for autograd (see the module docstring).
+    """
+
+    name = "dora"
+
+    def init(self, layer: LoraLinear) -> None:
+        with torch.no_grad():
+            magnitude = self._row_norm(layer, layer.delta_weight())  # (out,) = ||W||_row since B = 0
+        layer.lora_magnitude_vector = nn.Parameter(magnitude)
+        layer.register_buffer("_merge_norm", None, persistent=False)  # n at merge time, for unmerge
+
+    def adapter_params(self, layer: LoraLinear) -> dict[str, nn.Parameter]:
+        return {"lora_magnitude_vector": layer.lora_magnitude_vector}
+
+    @staticmethod
+    def _row_norm(layer: LoraLinear, delta: torch.Tensor) -> torch.Tensor:
+        """||W + delta||_row: (out,), computed in delta's dtype."""
+        return torch.linalg.norm(layer.base_layer.weight.to(delta.dtype) + delta, dim=1)
+
+    def forward(self, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        weight = layer.base_layer.weight.to(x.dtype)  # (out, in)
+        with torch.no_grad():  # n is a constant for autograd (DoRA paper, section 4.3)
+            update = layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight)  # (out, in)
+            norm = torch.linalg.norm(weight + update, dim=1)  # (out,)
+        mag_scale = layer.lora_magnitude_vector / norm  # (out,), m / n
+        if layer.training and not isinstance(layer.dropout, nn.Identity):
+            x = layer.dropout(x)
+            base = F.linear(x, weight)  # (..., out) = W x', no bias
+        else:
+            bias = layer.base_layer.bias
+            base = result if bias is None else result - bias  # (..., out) = W x
+        lora = layer.lora_B(layer.lora_A(x))  # (..., out) = B A x'
+        dora = (mag_scale - 1) * base + mag_scale * lora * layer.scaling
+        return result + dora
+
+    def merge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
+        """W <- W' = (m / n) (W + s B A), remembering n."""
+        delta = layer.delta_weight()
+        layer._merge_norm = self._row_norm(layer, delta)
+        factor = (layer.lora_magnitude_vector / layer._merge_norm).view(-1, 1)  # (out, 1)
+        weight.data = (factor * (weight.to(delta.dtype) + delta)).to(weight.dtype)
+
+    def unmerge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
+        """W <- W' n / m - s B A, with the n of the merge."""
+        delta = layer.delta_weight()
+        factor = (layer.lora_magnitude_vector / layer._merge_norm).view(-1, 1)  # (out, 1)
+        weight.data = (weight.to(delta.dtype) / factor - delta).to(weight.dtype)
+        layer._merge_norm = None
+
+
 class LoraLinear(WrappedLinear):
     """An ``nn.Linear`` (kept frozen as ``base_layer``) plus a LoRA / rsLoRA / DoRA update.
 
     Parameter names follow HF peft's (less the adapter name): ``lora_A.weight``, ``lora_B.weight``
-    and, for DoRA, ``lora_magnitude_vector``.
+    and, for DoRA, ``lora_magnitude_vector``. What differs between LoRA and DoRA lives in
+    ``self.variant`` (:class:`LoraVariant`, :class:`DoraVariant`).
     """
 
     def __init__(
@@ -115,7 +206,7 @@ class LoraLinear(WrappedLinear):
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.rank, self.alpha, self.rslora, self.dora = rank, alpha, rslora, dora
+        self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = {"device": base_layer.weight.device, "dtype": adapter_dtype}
@@ -123,48 +214,23 @@ class LoraLinear(WrappedLinear):
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-        if dora:
-            with torch.no_grad():
-                magnitude = self._row_norm(self.delta_weight())  # (out,) = ||W||_row since B = 0
-            self.lora_magnitude_vector = nn.Parameter(magnitude)
+        self.variant: LoraVariant = DoraVariant() if dora else LoraVariant()
+        self.variant.init(self)
         self.merged = False
-        self.register_buffer("_merge_norm", None, persistent=False)  # DoRA: n at merge time, for unmerge
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
-        params = {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
-        if self.dora:
-            params["lora_magnitude_vector"] = self.lora_magnitude_vector
-        return params
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight,
+                **self.variant.adapter_params(self)}
 
     def delta_weight(self) -> torch.Tensor:
         """s * B A, the LoRA update of W: (out, in) in the adapter dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    def _row_norm(self, delta: torch.Tensor) -> torch.Tensor:
-        """||W + delta||_row: (out,), computed in delta's dtype."""
-        return torch.linalg.norm(self.base_layer.weight.to(delta.dtype) + delta, dim=1)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)  # (..., out) = W x + b, in the base dtype
         if self.merged:
             return result
-        x = x.to(self.lora_A.weight.dtype)
-        if not self.dora:
-            return (result + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(result.dtype)
-
-        weight = self.base_layer.weight.to(x.dtype)  # (out, in)
-        with torch.no_grad():  # n is a constant for autograd (DoRA paper, section 4.3)
-            norm = torch.linalg.norm(weight + self.scaling * (self.lora_B.weight @ self.lora_A.weight), dim=1)  # (out,)
-        mag_scale = self.lora_magnitude_vector / norm  # (out,), m / n
-        if self.training and not isinstance(self.dropout, nn.Identity):
-            x = self.dropout(x)
-            base = F.linear(x, weight)  # (..., out) = W x', no bias
-        else:
-            bias = self.base_layer.bias
-            base = result if bias is None else result - bias  # (..., out) = W x
-        lora = self.lora_B(self.lora_A(x))  # (..., out) = B A x'
-        dora = (mag_scale - 1) * base + mag_scale * lora * self.scaling
-        return (result + dora).to(result.dtype)
+        return self.variant.forward(self, x.to(self.lora_A.weight.dtype), result).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -176,14 +242,7 @@ class LoraLinear(WrappedLinear):
                 "cannot merge a LoRA adapter into a 4-bit NF4 layer: dequantise the model first "
                 "(peftlab.peft.qlora.dequantize_model(model)), then merge"
             )
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        if self.dora:
-            self._merge_norm = self._row_norm(delta)
-            factor = (self.lora_magnitude_vector / self._merge_norm).view(-1, 1)  # (out, 1)
-            weight.data = (factor * (weight.to(delta.dtype) + delta)).to(weight.dtype)
-        else:
-            weight.data += delta.to(weight.dtype)
+        self.variant.merge(self, self.base_layer.weight)
         self.merged = True
 
     @torch.no_grad()
@@ -191,18 +250,11 @@ class LoraLinear(WrappedLinear):
         """Undo :meth:`merge` (exact up to floating-point error)."""
         if not self.merged:
             return
-        weight = self.base_layer.weight
-        delta = self.delta_weight()
-        if self.dora:
-            factor = (self.lora_magnitude_vector / self._merge_norm).view(-1, 1)  # (out, 1)
-            weight.data = (weight.to(delta.dtype) / factor - delta).to(weight.dtype)
-            self._merge_norm = None
-        else:
-            weight.data -= delta.to(weight.dtype)
+        self.variant.unmerge(self, self.base_layer.weight)
         self.merged = False
 
     def extra_repr(self) -> str:
-        kind = "dora" if self.dora else "rslora" if self.rslora else "lora"
+        kind = "rslora" if self.rslora and self.variant.name == "lora" else self.variant.name
         return f"{kind}, rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:.4g}, merged={self.merged}"
 
 
@@ -263,3 +315,105 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         replace_module(model, path, layer.base_layer)
     return model
 
+
+# ---------------------------------------------------------------------------------------------
+# peft's format (peft_type "LORA"; rsLoRA and DoRA are flags of it)
+
+# peft LoraConfig fields that change the maths or add tensors we do not implement, with the value meaning "off".
+_UNSUPPORTED_LORA_FIELDS = {
+    "bias": "none",
+    "lora_bias": False,
+    "fan_in_fan_out": False,
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+}
+# init_lora_weights values that leave the base weights and the LoRA forward as they are.
+_PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def lora_config_from_json(data: dict[str, Any]) -> LoraConfig:
+    for name, off in _UNSUPPORTED_LORA_FIELDS.items():
+        value = data.get(name, off)
+        if value != off and value not in (None, False, {}, []):
+            raise UserError(f"this LoRA adapter uses peft's {name}={value!r}, which peftlab does not support")
+    if data.get("init_lora_weights", True) not in _PLAIN_LORA_INITS:
+        raise UserError(
+            f"this LoRA adapter uses init_lora_weights={data['init_lora_weights']!r}, which changes the base "
+            "weights or the forward: convert it to plain LoRA with peft first"
+        )
+    layers = data.get("layers_to_transform")
+    patterns = data.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) else patterns or []
+    if layers is not None and not set(patterns) <= {"layers", "block", "h"}:
+        raise UserError(f"this LoRA adapter uses layers_pattern={patterns!r}; peftlab knows layers, block and h")
+    return LoraConfig(  # peft's defaults where the file is silent
+        rank=data.get("r", 8),
+        alpha=data.get("lora_alpha", 8),
+        dropout=data.get("lora_dropout", 0.0),
+        targets=patterns_from_json(data.get("target_modules")),
+        exclude=patterns_from_json(data.get("exclude_modules")) or (),
+        layers=layers,
+        rslora=data.get("use_rslora", False),
+        dora=data.get("use_dora", False),
+    )
+
+
+def lora_config_to_json(config: LoraConfig, model: nn.Module) -> dict[str, Any]:
+    """peft's LoraConfig fields; only long-standing ones, so that older peft versions read the file too."""
+    return {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        **lora_target_fields(model),
+        "use_rslora": config.rslora,
+        "use_dora": config.dora,
+        "init_lora_weights": True,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def lora_target_fields(model: nn.Module) -> dict[str, Any]:
+    """peft's ``target_modules`` (+ ``layers_to_transform``, ``layers_pattern``) for the LoRA layers in ``model``.
+
+    As peft itself writes them when possible: the sorted layer names (``["q_proj", "v_proj"]``),
+    restricted to some blocks if ``layers`` was used; otherwise (``exclude`` was used) a regex that
+    matches each adapted path.
+    """
+    paths = list(lora_layers(model))
+    if names := target_names(model, paths, LoraLinear):
+        return {"target_modules": names, "layers_to_transform": None, "layers_pattern": None}
+    indices = {layer_index(p) for p in paths}
+    if None not in indices and (names := target_names(model, paths, LoraLinear, layers=indices)):
+        patterns = sorted({LAYER_PATTERN.search(p)[1] for p in paths})
+        return {
+            "target_modules": names,
+            "layers_to_transform": sorted(indices),
+            "layers_pattern": patterns[0] if len(patterns) == 1 else patterns,
+        }
+    return {"target_modules": paths_regex(paths), "layers_to_transform": None, "layers_pattern": None}
+
+
+register_format(
+    "LORA",
+    AdapterFormat(
+        config_type=LoraConfig,
+        config_from_json=lora_config_from_json,
+        config_to_json=lora_config_to_json,
+        apply=lambda model, config: apply_lora(model, config, strict=False),
+    ),
+)

@@ -35,7 +35,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import freeze_all_but_adapters
-from peftlab.peft.formats import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format, rename_key
 from peftlab.peft.prompt_tuning import (
     FILE_KEY,
     cache_argument,
@@ -178,13 +178,16 @@ def apply_prefix(model: nn.Module, config: PrefixConfig) -> nn.Module:
 # peft's format (peft_type "PREFIX_TUNING"): ``prompt_embeddings`` (P, L * 2 * kv_dim), the folded prefix
 
 
+_MODEL_KEY = f"{MODULE_NAME}.embedding.weight"  # where a plain (MLP-less) prefix keeps its tensor
+
+
 def folded_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """What to save: the prefix computed through the MLP, under the key a plain (MLP-less) prefix has."""
     encoder = prefix_encoder(model)
     if encoder is None:
         raise UserError("the model has no prefixes to save: apply or load them first")
     with torch.no_grad():
-        return {f"{MODULE_NAME}.embedding.weight": encoder.prefix().detach().float()}
+        return {_MODEL_KEY: encoder.prefix().detach().float()}
 
 
 def prefix_config_from_json(data: dict[str, Any]) -> PrefixConfig:
@@ -213,8 +216,6 @@ def prefix_config_to_json(config: PrefixConfig, model: nn.Module) -> dict[str, A
     }
 
 
-_MODEL_KEY = f"{MODULE_NAME}.embedding.weight"
-
 register_format(
     "PREFIX_TUNING",
     AdapterFormat(
@@ -222,8 +223,8 @@ register_format(
         config_from_json=prefix_config_from_json,
         config_to_json=prefix_config_to_json,
         apply=apply_prefix,
-        to_file_key=lambda key: FILE_KEY if key == _MODEL_KEY else key,
-        from_file_key=lambda key: _MODEL_KEY if key == FILE_KEY else key,
+        to_file_key=rename_key(_MODEL_KEY, FILE_KEY),
+        from_file_key=rename_key(FILE_KEY, _MODEL_KEY),
         state_dict=folded_state_dict,
     ),
 )

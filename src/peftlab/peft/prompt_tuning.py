@@ -44,7 +44,7 @@ from torch import nn
 
 from peftlab.errors import UserError
 from peftlab.peft.core import freeze_all_but_adapters
-from peftlab.peft.formats import AdapterFormat, register_format
+from peftlab.peft.formats import AdapterFormat, register_format, rename_key
 
 PROMPT_INITS = ("random", "vocab", "text")
 PEFT_INIT_NAMES = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "TEXT"}
@@ -334,7 +334,7 @@ register_format(
         config_from_json=prompt_config_from_json,
         config_to_json=prompt_config_to_json,
         apply=apply_prompt_tuning,
-        to_file_key=lambda key: FILE_KEY if key == _MODEL_KEY else key,
-        from_file_key=lambda key: _MODEL_KEY if key == FILE_KEY else key,
+        to_file_key=rename_key(_MODEL_KEY, FILE_KEY),
+        from_file_key=rename_key(FILE_KEY, _MODEL_KEY),
     ),
 )

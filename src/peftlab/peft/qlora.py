@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.peft.core import adapter_modules, replace_module
-from peftlab.peft.lora import DTYPES, LoraConfig, apply_lora
+from peftlab.peft.core import adapter_modules, dtype_named, replace_module
+from peftlab.peft.lora import LoraConfig, apply_lora
 from peftlab.peft.nf4 import NF4Linear, compute_dtype_of
 from peftlab.progress import ProgressFactory, silent
 
@@ -95,9 +95,7 @@ def dequantize_model(model: nn.Module, dtype: str | torch.dtype | None = None) -
     quantisation, which matches the rest of the model). Afterwards ``merge_and_unload`` works.
     """
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        dtype = dtype_named(dtype, "dtype")
     for path, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             replace_module(model, path, module.to_linear(dtype))

@@ -32,7 +32,7 @@ from typing import Any
 from torch import nn
 
 from peftlab.errors import UserError
-from peftlab.peft.core import ALL_LINEAR, freeze_all_but_adapters, layer_index, parse_layers, select_modules
+from peftlab.peft.core import ALL_LINEAR, freeze_all_but_adapters, layer_index, parse_layers, select_modules, split_patterns
 from peftlab.peft.formats import PEFT_PREFIX, AdapterFormat, register_format
 
 SELECTIVE_METHODS = ("bitfit", "layernorm", "selective")
@@ -46,11 +46,13 @@ class SelectiveConfig:
     method: str = "selective"
     """bitfit (biases), layernorm (normalisation weights) or selective (train_modules / train_layers)."""
     train_modules: str | Sequence[str] | None = None
-    """selective: modules whose parameters train: names or suffixes (``q_proj``), ``re:<regex>``, ``all-linear``."""
+    """selective: modules whose parameters train: names or suffixes (``q_proj``), ``re:<regex>``, ``all-linear``,
+    a list of these or a comma-separated string."""
     train_layers: str | Sequence[int] | None = None
     """Only parameters inside these transformer blocks, e.g. ``"10-11"``; None = all blocks (and outside them)."""
 
     def __post_init__(self) -> None:
+        self.train_modules = split_patterns(self.train_modules)
         if self.method not in SELECTIVE_METHODS:
             raise UserError(f"selective method must be one of {', '.join(SELECTIVE_METHODS)}, not {self.method!r}")
         if self.method == "selective" and self.train_modules is None and self.train_layers is None:
@@ -95,7 +97,7 @@ def selected_parameters(model: nn.Module, config: SelectiveConfig) -> list[str]:
         if not paths:
             raise UserError(f"{type(model).__name__} has no normalisation layers with weights to train")
     elif config.train_modules is not None:
-        patterns = [config.train_modules] if isinstance(config.train_modules, str) else list(config.train_modules)
+        patterns = config.train_modules
         modules = [  # all-linear means nn.Linear layers; names and regexes may select any module
             path
             for kind, group in ((nn.Linear, [p for p in patterns if p == ALL_LINEAR]),
@@ -130,11 +132,10 @@ def apply_selective(model: nn.Module, config: SelectiveConfig) -> nn.Module:
 
 
 def selective_config_to_json(config: SelectiveConfig, model: nn.Module) -> dict[str, Any]:
-    modules = config.train_modules
     layers = config.train_layers
     return {
         "selective_method": config.method,
-        "train_modules": [modules] if isinstance(modules, str) else None if modules is None else list(modules),
+        "train_modules": config.train_modules,
         "train_layers": layers if layers is None or isinstance(layers, (str, int)) else sorted(layers),
     }
 
