@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from peftlab.cli import main
-from test_training import write_dialogues
+from helpers import expect_error, write_dialogues
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -58,38 +58,24 @@ def test_help_lists_every_option():
         assert option in result.stdout
 
 
-def _error(args, capsys) -> str:
-    """Run a command that must fail: exit 2, no traceback, and the message is its one last line.
-
-    (Progress bars of work done before the mistake showed up may stand above it on stderr.)
-    """
-    code = main(args)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    message = err.replace("\r", "\n").splitlines()[-1]
-    assert message.startswith("peftlab") and "error:" in message and "Traceback" not in err, err
-    assert err.count("error:") == 1, err
-    return message
-
-
 def test_user_errors_are_one_line_exit_2(tiny_llama_dir, tmp_path, capsys):
     model, out = str(tiny_llama_dir), str(tmp_path / "o")
     data = write_dialogues(tmp_path / "d.jsonl", n=12)
     train = ["train", "--model", model, "--out", out, "--device", "cpu", "--max-steps", "1"]
-    assert "not found" in _error(train + ["--data", str(tmp_path / "missing.jsonl")], capsys)
+    assert "not found" in expect_error(train + ["--data", str(tmp_path / "missing.jsonl")], capsys)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"dialogue": "a", "summary": "b"}\n{"dialogue": oops}\n')
-    assert "line 2" in _error(train + ["--data", str(bad)], capsys)
+    assert "line 2" in expect_error(train + ["--data", str(bad)], capsys)
     nofield = tmp_path / "nofield.jsonl"
     nofield.write_text('{"dialogue": "a", "summary": "b"}\n' * 5 + '{"dialogue": "a"}\n')
-    assert "summary" in _error(train + ["--data", str(nofield), "--split-fractions", "1,0,0"], capsys)
+    assert "summary" in expect_error(train + ["--data", str(nofield), "--split-fractions", "1,0,0"], capsys)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert "empty" in _error(train + ["--data", str(empty)], capsys)
-    assert "sum" in _error(train + ["--data", str(data), "--split-fractions", "0.5,0.2,0.2"], capsys)
-    assert "smollm2-135m-instruct" in _error(["train", "--model", "smolm2", "--data", str(data), "--out", out], capsys)
-    assert "--lr" in _error(train + ["--data", str(data), "--lr", "fast"], capsys)
-    assert "did you mean 'batch_size'" in _error(train + ["--data", str(data), "batchsize=2"], capsys)
+    assert "empty" in expect_error(train + ["--data", str(empty)], capsys)
+    assert "sum" in expect_error(train + ["--data", str(data), "--split-fractions", "0.5,0.2,0.2"], capsys)
+    assert "smollm2-135m-instruct" in expect_error(["train", "--model", "smolm2", "--data", str(data), "--out", out], capsys)
+    assert "--lr" in expect_error(train + ["--data", str(data), "--lr", "fast"], capsys)
+    assert "did you mean 'batch_size'" in expect_error(train + ["--data", str(data), "batchsize=2"], capsys)
     assert not os.path.exists(out)  # nothing was started by a failed command
 
 
@@ -100,10 +86,10 @@ def test_existing_run_is_refused_then_replaced_whole(tiny_llama_dir, tmp_path, c
     assert main(args + ["--max-steps", "1"]) == 0
     capsys.readouterr()
     before = (out / "run.json").read_text()
-    assert "--overwrite" in _error(args + ["--max-steps", "2"], capsys)
+    assert "--overwrite" in expect_error(args + ["--max-steps", "2"], capsys)
     assert (out / "run.json").read_text() == before  # untouched
     # an overwrite that fails midway leaves the old run as it was
-    assert "--lr" in _error(args + ["--max-steps", "2", "--overwrite", "--lr", "-1"], capsys)
+    assert "--lr" in expect_error(args + ["--max-steps", "2", "--overwrite", "--lr", "-1"], capsys)
     assert (out / "run.json").read_text() == before
     assert main(args + ["--max-steps", "2", "--overwrite"]) == 0
     assert json.loads((out / "run.json").read_text())["config"]["max_steps"] == 2

@@ -9,15 +9,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from peftlab.cli import main
 from peftlab.experiment.compare import parse_methods
 from peftlab.experiment.report import tradeoff_table
-from test_cli import _error
-from test_training import write_dialogues
+from helpers import expect_error, write_dialogues
 
 
 def _compare_args(model, data, out, methods):
@@ -100,8 +98,8 @@ def test_sweep_shorthand_and_plot(tiny_llama_dir, tmp_path, capsys):
 
 def test_compare_errors(tiny_llama_dir, tmp_path, capsys):
     data = write_dialogues(tmp_path / "d.jsonl", n=12)
-    assert "fewshot:K" in _error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "base,lorra"), capsys)
-    assert "fewshot:3" in _error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "fewshot:x"), capsys)
+    assert "fewshot:K" in expect_error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "base,lorra"), capsys)
+    assert "fewshot:3" in expect_error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "fewshot:x"), capsys)
     with pytest.raises(Exception):
         parse_methods("lora,lora")
     # a method that cannot run on this model is reported with the reason, and the others still run

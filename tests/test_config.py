@@ -12,7 +12,7 @@ from peftlab.cli import COMMANDS
 from peftlab.config import CompareConfig, DemoConfig, TrainConfig
 from peftlab.errors import UserError
 from peftlab.training import loop
-from test_cli import _error
+from helpers import expect_error
 
 BAD_METHOD_OPTIONS = [
     (["--method", "lora", "--rank", "0"], "LoRA rank must be a positive integer"),
@@ -40,7 +40,7 @@ def test_bad_method_options_fail_before_the_model_loads(options, message, no_mod
     # neither the model nor the data exists: only the options are looked at
     args = ["train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"),
             "--out", str(tmp_path / "o")]
-    assert message in _error(args + options, capsys)
+    assert message in expect_error(args + options, capsys)
     assert not (tmp_path / "o").exists()
 
 

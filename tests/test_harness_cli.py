@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from peftlab.cli import main
-from test_cli import _error
+from helpers import expect_error
 
 
 def test_harness_command(tiny_llama_dir, shared_data, tmp_path, capsys):
@@ -15,7 +15,7 @@ def test_harness_command(tiny_llama_dir, shared_data, tmp_path, capsys):
     assert "| mmlu_anatomy " in out and "acc_norm" in out
     results = json.loads((tmp_path / "results.json").read_text())
     assert "mmlu_anatomy" in json.dumps(results)
-    assert "mmlu_anatomy" in _error(["harness", "--model", str(tiny_llama_dir), "--tasks", "mmlu_anatomyy",
+    assert "mmlu_anatomy" in expect_error(["harness", "--model", str(tiny_llama_dir), "--tasks", "mmlu_anatomyy",
                                      "--data-root", str(shared_data)], capsys)
 
 

@@ -11,8 +11,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from peftlab.cli import main
 from peftlab.config import TrainConfig
 from peftlab.training.loop import train
-from test_cli import _error
-from test_training import losses, write_dialogues
+from helpers import expect_error, losses, write_dialogues
 
 
 @pytest.mark.parametrize("method,extra", [("lora", []), ("dora", []), ("lora", ["--rslora"])])
@@ -83,10 +82,10 @@ def test_lora_user_errors(tiny_llama_dir, tiny_t5_dir, tmp_path, capsys):
     data = write_dialogues(tmp_path / "d.jsonl", n=12)
     base = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "o"),
             "--device", "cpu", "--max-steps", "1", "--method", "lora"]
-    err = _error(base + ["--targets", "query_key"], capsys)
+    err = expect_error(base + ["--targets", "query_key"], capsys)
     assert "q_proj" in err  # lists the module names that exist
-    assert "rank" in _error(base + ["--rank", "0"], capsys)
-    assert "--rank 32" in _error(base + ["--rank", "500"], capsys)
+    assert "rank" in expect_error(base + ["--rank", "0"], capsys)
+    assert "--rank 32" in expect_error(base + ["--rank", "500"], capsys)
 
     run = tmp_path / "run"
     assert main(base[:6] + [str(run)] + base[7:]) == 0
@@ -102,16 +101,16 @@ def test_lora_user_errors(tiny_llama_dir, tiny_t5_dir, tmp_path, capsys):
     wrong.mkdir()
     (wrong / "adapter_config.json").write_text((run / "final" / "adapter_config.json").read_text())
     save_file(tensors, wrong / "adapter_model.safetensors")
-    err = _error(ev + ["--model", str(tiny_llama_dir), "--adapter", str(wrong)], capsys)
+    err = expect_error(ev + ["--model", str(tiny_llama_dir), "--adapter", str(wrong)], capsys)
     assert key.removeprefix("base_model.model.") in err or key in err
     # an adapter for another architecture: its target modules do not exist there
-    assert "q_proj" in _error(ev + ["--model", str(tiny_t5_dir), "--adapter", str(run / "final")], capsys)
+    assert "q_proj" in expect_error(ev + ["--model", str(tiny_t5_dir), "--adapter", str(run / "final")], capsys)
 
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapter_config.json").write_text((run / "final" / "adapter_config.json").read_text())
     torch.save(load_file(run / "final" / "adapter_model.safetensors"), pickled / "adapter_model.bin")
-    assert "--trust-pickle" in _error(ev + ["--model", str(tiny_llama_dir), "--adapter", str(pickled)], capsys)
+    assert "--trust-pickle" in expect_error(ev + ["--model", str(tiny_llama_dir), "--adapter", str(pickled)], capsys)
     capsys.readouterr()
     assert main(ev + ["--model", str(tiny_llama_dir), "--adapter", str(pickled), "--trust-pickle", "--max-new-tokens", "4"]) == 0
 

@@ -7,8 +7,7 @@ import json
 import pytest
 
 from peftlab.cli import main
-from test_cli import _error
-from test_training import losses, write_dialogues
+from helpers import expect_error, losses, write_dialogues
 
 METHODS = [("adapter", ["--adapter-placement", "pfeiffer"]), ("prompt", ["--num-virtual-tokens", "4"]),
            ("prefix", ["--num-virtual-tokens", "4"]), ("ia3", []), ("layernorm", []),
@@ -33,10 +32,10 @@ def test_method_trains_and_evaluates_through_the_cli(method, extra, tiny_llama_d
 def test_method_errors(tiny_llama_dir, tmp_path, capsys):
     data = write_dialogues(tmp_path / "d.jsonl", n=8)
     base = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(tmp_path / "o"), "--device", "cpu"]
-    assert "no bias" in _error(base + ["--method", "bitfit"], capsys)
-    assert "virtual" in _error(base + ["--method", "prompt", "--num-virtual-tokens", "0"], capsys)
-    assert "hidden" in _error(base + ["--method", "adapter", "--reduction-factor", "1000"], capsys)
-    assert "more" in _error(base + ["--method", "prompt", "--num-virtual-tokens", "600"], capsys)  # past the context
+    assert "no bias" in expect_error(base + ["--method", "bitfit"], capsys)
+    assert "virtual" in expect_error(base + ["--method", "prompt", "--num-virtual-tokens", "0"], capsys)
+    assert "hidden" in expect_error(base + ["--method", "adapter", "--reduction-factor", "1000"], capsys)
+    assert "more" in expect_error(base + ["--method", "prompt", "--num-virtual-tokens", "600"], capsys)  # past the context
 
 
 def test_inspect_prompt_lists_the_init_text(tiny_llama_dir, tmp_path, capsys):
@@ -57,7 +56,7 @@ def test_templates_and_forgetting_commands(tiny_llama_dir, tmp_path, capsys):
                  "--template", "summarize"]) == 0
     out = capsys.readouterr().out
     assert "Summarize the following conversation." in out and "A greeting." in out
-    assert "summary" in _error(["templates", "render", "dialogsum", "--record", '{"dialogue": "hi"}'], capsys)
+    assert "summary" in expect_error(["templates", "render", "dialogsum", "--record", '{"dialogue": "hi"}'], capsys)
     suite = tmp_path / "suite.yaml"
     suite.write_text("suite:\n  - {name: rating, data: 'demo:reviews', template: review_rating, limit: 6}\n")
     assert main(["forgetting", "--model", str(tiny_llama_dir), "--tuned", str(tiny_llama_dir), "--suite", str(suite),

@@ -9,7 +9,6 @@ import math
 import pytest
 
 from peftlab.config import TrainConfig
-from peftlab.data import mixtures
 from peftlab.data.mixtures import MixtureSampler, TaskSpec, mix, mixing_rates, parse_task
 from peftlab.data.pipeline import mixture_records, prepare, prepare_mixture
 from peftlab.errors import UserError
@@ -137,14 +136,6 @@ def test_duplicate_task_names_are_refused():
     assert "a given more than once" in one_line(info)
     with pytest.raises(UserError, match="no tasks"):
         prepare_mixture([])
-
-
-def test_the_training_loop_import_gives_the_same_mixture():
-    """peftlab.training.loop imports prepare_mixture from mixtures; it must be the pipeline's pass."""
-    args = (["rating:review_rating=demo:reviews", "code=demo:python"], "0.7,0.2,0.1", 3, "temperature", 50, 2.0, 60, 5, 100)
-    loop, pipeline = mixtures.prepare_mixture(*args), prepare_mixture(*args)
-    assert [(e.index, e.prompt) for e in loop.train] == [(e.index, e.prompt) for e in pipeline.train]
-    assert loop.mixture.tasks == pipeline.mixture.tasks and loop.tasks.keys() == pipeline.tasks.keys()
 
 
 def test_a_mixture_trains_with_the_unchanged_loop(tiny_llama_dir, tmp_path):

@@ -17,22 +17,7 @@ from peftlab.progress import silent
 from peftlab.training import loop
 from peftlab.training.loop import build_optimizer, lr_lambda, micro_batches, prepare_model, train
 from peftlab.training.loss import completion_loss, target_count
-
-
-def write_dialogues(path, n=48):
-    names, days, places = ["Tom", "Anna", "Ben", "Lisa"], ["Monday", "Friday", "Sunday"], ["cafe", "park", "office"]
-    with open(path, "w") as f:
-        for i in range(n):
-            a, d, p = names[i % 4], days[i % 3], places[(i // 3) % 3]
-            f.write(json.dumps({
-                "dialogue": f"#Person1#: Hi {a}, shall we meet at the {p} on {d}?\n#Person2#: Yes, the {p} on {d} is fine.",
-                "summary": f"{a} will meet #Person1# at the {p} on {d}.",
-            }) + "\n")
-    return path
-
-
-def losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+from helpers import losses, write_dialogues
 
 
 @pytest.mark.parametrize("kind", ["llama", "t5"])

@@ -131,7 +131,7 @@ class TrainConfig:
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
     lr: float | None = option(None, "Peak learning rate. Default: the method's (full 5e-5; LoRA family 1e-3; adapter, ia3, "
                                     "selective, prefix 1e-3; prompt 3e-2).")
-    weight_decay: float = option(0.0, "AdamW weight decay.")
+    weight_decay: float = option(0.0, "AdamW weight decay, on matrices only (not biases, norms, IA3 vectors or DoRA magnitudes).")
     schedule: str = option("cosine", "Learning-rate schedule after warm-up.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = option(0.05, "Fraction of the steps spent warming up linearly from 0.")
     max_grad_norm: float | None = option(1.0, "Clip the gradient norm to this value (None: no clipping).")

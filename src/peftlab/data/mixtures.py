@@ -219,11 +219,3 @@ def mix(
         temperature=temperature,
         seed=seed,
     )
-
-
-def prepare_mixture(*args, **kwargs):
-    """Kept for :mod:`peftlab.training.loop`, which imports it from here: the pass is
-    :func:`peftlab.data.pipeline.prepare_mixture` (same arguments, same result)."""
-    from peftlab.data.pipeline import prepare_mixture  # at call time: pipeline imports this module
-
-    return prepare_mixture(*args, **kwargs)

@@ -16,7 +16,6 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

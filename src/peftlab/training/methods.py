@@ -23,18 +23,9 @@ from peftlab.errors import UserError
 from peftlab.peft.core import ParameterReport, parameter_report  # noqa: F401  (re-exported for the loop)
 
 
-def _patterns(text: str | None) -> str | list[str] | None:
-    """``q_proj,v_proj`` -> a list; ``all-linear`` and ``re:REGEX`` stay one pattern."""
-    if text is None:
-        return None
-    if text.startswith("re:") or text == "all-linear":
-        return text
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def lora_config(config) -> peft.LoraConfig:
-    return peft.LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=_patterns(config.targets),
-                           exclude=_patterns(config.exclude) or (), layers=config.layers, rslora=config.rslora,
+    return peft.LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
+                           exclude=config.exclude or (), layers=config.layers, rslora=config.rslora,
                            dora=config.method == "dora")
 
 
@@ -52,11 +43,11 @@ def _prefix_config(config) -> peft.PrefixConfig:
 
 
 def _ia3_config(config) -> peft.IA3Config:
-    return peft.IA3Config(targets=_patterns(config.targets), exclude=_patterns(config.exclude) or ())
+    return peft.IA3Config(targets=config.targets, exclude=config.exclude or ())
 
 
 def _selective_config(config) -> peft.SelectiveConfig:
-    return peft.SelectiveConfig(method=config.method, train_modules=_patterns(config.train_modules),
+    return peft.SelectiveConfig(method=config.method, train_modules=config.train_modules,
                                 train_layers=config.train_layers)
 
 
