@@ -419,6 +419,8 @@ class HarnessConfig:
     batch_size: int = option(8, "Requests per forward pass.")
     max_gen_toks: int | None = option(None, "Generation tasks: tokens generated at most (default: the task's).")
     apply_chat_template: bool = option(False, "Wrap each prompt in the tokenizer's chat template (instruction-tuned models), as lm-eval's --apply_chat_template.")
+    backend: str = option("peftlab", "Who scores: peftlab's own harness, or lm-evaluation-harness itself through the bridge "
+                          "(lm-eval's whole task registry; pip install 'peftlab[lm-eval]').", choices=("peftlab", "lm-eval"))
     out: str | None = option(None, "Folder for results.json.")
     trust_pickle: bool = trust_pickle_option()
     dtype: str = dtype_option()
@@ -428,6 +430,8 @@ class HarnessConfig:
         validate_choices(self)
         _positive(self, "limit", "batch_size", "max_gen_toks")
         _positive(self, "num_fewshot", allow_zero=True)
+        if self.backend != "peftlab" and type(self) is not HarnessConfig:
+            raise UserError(f"--backend {self.backend} is for peftlab harness only")
 
 
 @dataclass

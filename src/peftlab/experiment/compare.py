@@ -180,6 +180,10 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     gen = metrics["generation"]
     result.update({k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
+    if variant.method not in EVAL_ONLY:  # the trained model's card gains its evaluation
+        from peftlab.model_card import update_model_card_results
+
+        update_model_card_results(folder / "run" / "final", {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
     result.update(eval_latency_s=gen["latency_per_example_s"], eval_tokens_per_second=gen["tokens_per_second"],
                   eval_peak_memory=metrics["peak_memory"], prompt_tokens=gen["mean_prompt_tokens"],
                   fewshot_dropped=metrics["fewshot"]["dropped_examples"], num_examples=metrics["num_examples"])

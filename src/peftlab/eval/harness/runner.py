@@ -336,7 +336,12 @@ def run_harness_config(config: HarnessConfig, *, loaded: LoadedModel | None = No
     generation tasks' new tokens, ``apply_chat_template`` wraps each prompt in the tokenizer's chat
     template (for instruction-tuned models; see :meth:`Task.chat_messages`). Tasks are resolved (and
     their data read) before the model loads. ``config.out`` is not written here.
+
+    ``backend="lm-eval"`` hands the tasks to lm-evaluation-harness itself (its task names, or task
+    YAML files) through :mod:`peftlab.eval.lm_eval_bridge`; the result has the same form.
     """
+    if config.backend == "lm-eval":
+        return _run_lm_eval(config, loaded, fewshot_seed)
     tasks = task_list(config.tasks)
     resolved = resolve_tasks(tasks, data_root=config.data_root, split=config.split)
     start = time.perf_counter()
@@ -357,6 +362,16 @@ def run_harness_config(config: HarnessConfig, *, loaded: LoadedModel | None = No
     items = sum(r.num_items for r in results.values())
     return HarnessResult(loaded.name, config.adapter, results, group_scores(list(results.values())), settings, seconds,
                          items / task_seconds if task_seconds > 0 else 0.0)
+
+
+def _run_lm_eval(config: HarnessConfig, loaded: LoadedModel | None, fewshot_seed: int) -> HarnessResult:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("--backend lm-eval needs lm-evaluation-harness: pip install 'peftlab[lm-eval]' (or use --backend peftlab)")
+    from peftlab.eval.lm_eval_bridge import run_lm_eval_config
+
+    return run_lm_eval_config(config, loaded=loaded, fewshot_seed=fewshot_seed)
 
 
 def run_harness(model: str | LoadedModel, tasks: Sequence[str], *, fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
