@@ -28,7 +28,7 @@ from peftlab.outputs import RUN_MARKER, write_atomic
 
 CARD = "README.md"
 EVALUATION = "## Evaluation results"
-NOT_YET = "Not evaluated yet (`peftlab eval`, `peftlab harness` or `peftlab compare` fill this in)."
+NOT_YET = "Not evaluated yet (`peftlab compare` fills this in, as does `peftlab.model_card.update_model_card_results`)."
 
 COMMON = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "schedule", "warmup_ratio", "weight_decay",
           "max_grad_norm", "max_length", "max_target_length", "chat_template", "seed", "dtype")
@@ -149,7 +149,7 @@ def model_card(run_info: dict, command: str | None = None) -> str:
 
     parts = ["---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
              f"# {Path(str(base)).name if Path(str(base)).is_absolute() else base} + {method} (peftlab)", "",
-             f"Fine-tuned with [peftlab](https://github.com/peftlab/peftlab) from `{base}`.", "",
+             f"Fine-tuned with peftlab from `{base}`.", "",
              "## Method", "",
              _table([("method", f"`{method}`"), ("family", facts.family), ("what trains", facts.trains),
                      ("saved as", facts.saved_as), ("mergeable into the base", "yes" if facts.mergeable else "no")],
