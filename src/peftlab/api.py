@@ -15,6 +15,7 @@ from peftlab.config import (
     CompareConfig,
     DemoConfig,
     EvalConfig,
+    ExportConfig,
     ForgettingConfig,
     GenerateConfig,
     HarnessConfig,
@@ -107,6 +108,15 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
         raise
     folder.commit()
     return folder.final
+
+
+def export(config: ExportConfig | None = None, *, progress: ProgressFactory = silent, **options):
+    """Merge an adapter into a Llama-architecture model and write a GGUF file for llama.cpp / Ollama (``peftlab export``)."""
+    from peftlab.export import export_gguf
+
+    config = _config(ExportConfig, config, options)
+    return export_gguf(config.model, config.out, config.adapter, config.type, trust_pickle=config.trust_pickle,
+                       overwrite=config.overwrite, progress=progress)
 
 
 def compare(config: CompareConfig | None = None, *, log: Log = lambda _: None, **options):

@@ -26,6 +26,7 @@ from peftlab.config import (
     DemoConfig,
     EvalConfig,
     CompareConfig,
+    ExportConfig,
     ForgettingConfig,
     GenerateConfig,
     HarnessConfig,
@@ -152,6 +153,14 @@ def cmd_merge(config: MergeConfig) -> None:
     say(f"merged model: {out}")
 
 
+def cmd_export(config: ExportConfig) -> None:
+    result = api.export(config, progress=progress)
+    merged = f"{result.adapter_type} adapter {config.adapter} merged; " if result.adapter_type else ""
+    say(f"{merged}{result.tensors} tensors ({result.type}), {result.bytes / 2**20:.1f} MiB: {result.path}")
+    if result.kept_f16:
+        say(f"kept in f16 (rows not a multiple of 32): {', '.join(result.kept_f16)}")
+
+
 def _print_experiment(result) -> None:
     from peftlab.experiment.report import markdown_table, rouge_table, split_failed, tradeoff_table
 
@@ -215,6 +224,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "generate": (GenerateConfig, cmd_generate),
     "score": (ScoreConfig, cmd_score),
     "merge": (MergeConfig, cmd_merge),
+    "export": (ExportConfig, cmd_export),
     "compare": (CompareConfig, cmd_compare),
     "sweep": (SweepConfig, cmd_sweep),
     "report": (ReportConfig, cmd_report),

@@ -282,6 +282,23 @@ class MergeConfig:
 
 
 @dataclass
+class ExportConfig:
+    """``peftlab export``: merge an adapter into its Llama-architecture base and write one GGUF file (llama.cpp, Ollama)."""
+
+    model: str = option(REQUIRED, "Base model (local folder, hub id, .gguf file or alias); Llama architecture.")
+    out: str = option(REQUIRED, "The .gguf file to write.")
+    adapter: str | None = option(None, "A LoRA/DoRA or (IA)^3 adapter folder to merge in first (others cannot merge).")
+    type: str = option("f16", "Tensor type: f32, f16, or q8_0 (8-bit blocks of 32); norms stay f32.", choices=("f32", "f16", "q8_0"))
+    trust_pickle: bool = trust_pickle_option("Allow loading a pickled (.bin) adapter. Only for files you trust.")
+    overwrite: bool = option(False, "Replace an existing --out file (the old one stays until the new one is written).")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        if not self.out.lower().endswith(".gguf"):
+            raise UserError(f"--out {self.out} must be a .gguf file name")
+
+
+@dataclass
 class ScoreConfig:
     """``peftlab score``: ROUGE and BLEU of any system's outputs against references."""
 

@@ -142,6 +142,26 @@ def ia3_layers(model: nn.Module) -> dict[str, IA3Linear]:
     return {p: m for p, m in adapter_modules(model).items() if isinstance(m, IA3Linear)}
 
 
+@torch.no_grad()
+def merge_ia3_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every (IA)^3 vector into its layer's weight and put the plain ``nn.Linear`` back (peft's IA3 merge).
+
+    Output scaling ``l * (W x + b)`` becomes ``W' = l[:, None] * W``, ``b' = l * b``; input scaling
+    (feed-forward) ``W (l * x) + b`` becomes ``W' = W * l[None, :]`` with the bias unchanged.
+    """
+    layers = ia3_layers(model)
+    if not layers:
+        raise UserError("the model has no (IA)^3 layers to merge: load an adapter first")
+    for path, layer in layers.items():
+        base = layer.base_layer
+        scale = layer.ia3_l.to(torch.float32)  # (1, in) or (out, 1): broadcasts over W (out, in) as peft's
+        base.weight.data = (base.weight.to(torch.float32) * scale).to(base.weight.dtype)
+        if base.bias is not None and not layer.feedforward:
+            base.bias.data = (base.bias.to(torch.float32) * scale.flatten()).to(base.bias.dtype)
+        replace_module(model, path, base)
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # peft's format (peft_type "IA3"): ``base_model.model.<path>.ia3_l``
 
