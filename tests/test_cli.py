@@ -114,3 +114,50 @@ def test_score_command(tmp_path, capsys):
     assert set(rows[0]) == {*ROUGE, "bleu"}
     assert json.loads((tmp_path / "m.json").read_text())["num_examples"] == 2
     assert "| rouge1" in capsys.readouterr().out
+
+
+def test_generate_input_takes_prompt_objects(tiny_llama_dir, tmp_path, capsys):
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"prompt": "Summarize: hi", "id": 1}) + "\n" + json.dumps({"text": "Hello"}) + "\n"
+                       + json.dumps("a plain string") + "\n")
+    assert main(["generate", "--model", str(tiny_llama_dir), "--input", str(prompts), "--max-new-tokens", "3", "--device", "cpu"]) == 0
+    assert len([json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]) == 3
+
+
+def test_eval_of_a_separate_test_file_needs_no_train_split(tiny_llama_dir, tmp_path, capsys):
+    data = write_dialogues(tmp_path / "test.jsonl", n=6)
+    assert main(["eval", "--model", str(tiny_llama_dir), "--data", str(data), "--split-fractions", "0,0,1", "--out", str(tmp_path / "ev"),
+                 "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_examples"] == 6
+    message = expect_error(["eval", "--model", str(tiny_llama_dir), "--data", str(data), "--split-fractions", "0,0,1", "--fewshot", "2",
+                            "--out", str(tmp_path / "ev2"), "--device", "cpu"], capsys)
+    assert "--fewshot 2 takes its examples from the train split, which has 0" in message
+
+
+def test_score_outputs_never_overwrite_inputs_and_create_their_folder(tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("It is cold\n")
+    (tmp_path / "r.txt").write_text("It is cold outside\n")
+    args = ["score", "--predictions", str(tmp_path / "p.txt"), "--references", str(tmp_path / "r.txt")]
+    assert "--predictions input" in expect_error(args + ["--json", str(tmp_path / "p.txt")], capsys)
+    assert "--references input" in expect_error(args + ["--per-example", str(tmp_path / "." / "r.txt")], capsys)
+    assert (tmp_path / "p.txt").read_text() == "It is cold\n" and (tmp_path / "r.txt").read_text() == "It is cold outside\n"
+    assert main(args + ["--json", str(tmp_path / "new" / "deeper" / "m.json")]) == 0
+    assert json.loads((tmp_path / "new" / "deeper" / "m.json").read_text())["num_examples"] == 1
+
+
+def test_demo_and_compare_exit_2_when_a_method_did_not_run(tmp_path, monkeypatch, capsys):
+    from peftlab import api
+    from peftlab.experiment.compare import ExperimentResult
+
+    rows = [{"label": "base", "method": "base", "rouge1": 0.5, "rouge2": 0.1, "rougeL": 0.4, "rougeLsum": 0.4, "bleu": 0.1,
+             "trainable": 0, "total": None, "percent": 0.0, "adapter_bytes": 0, "eval_latency_s": 0.1, "eval_tokens_per_second": 9.0},
+            {"label": "lora", "method": "lora", "error": "'peftlab train' failed: out of luck"}]
+    result = ExperimentResult(tmp_path, rows, [])
+    monkeypatch.setattr(api, "demo", lambda config, log: result)
+    monkeypatch.setattr(api, "compare", lambda config, log: result)
+    for args in (["demo", "--out", str(tmp_path)], ["compare", "--model", "m", "--data", "d", "--out", str(tmp_path)]):
+        code = main(args)
+        printed = capsys.readouterr()
+        assert code == 2 and "| base" in printed.out and "not run: lora: 'peftlab train' failed: out of luck" in printed.out
+        assert printed.err.strip() == "peftlab: error: 1 of 2 requested variants did not run: lora (why: the 'not run' lines above); " \
+                                      "the tables hold the others"

@@ -102,13 +102,15 @@ def test_compare_errors(tiny_llama_dir, tmp_path, capsys):
     assert "fewshot:3" in expect_error(_compare_args(tiny_llama_dir, data, tmp_path / "c", "fewshot:x"), capsys)
     with pytest.raises(Exception):
         parse_methods("lora,lora")
-    # a method that cannot run on this model is reported with the reason, and the others still run
+    # a method that cannot run on this model is reported with the reason, the others still run, and the exit code is 2
     out = tmp_path / "c2"
-    assert main(_compare_args(tiny_llama_dir, data, out, "base,lora") + ["--train-options", "rank=500"]) == 0
+    assert main(_compare_args(tiny_llama_dir, data, out, "base,lora") + ["--train-options", "rank=500"]) == 2
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert "rouge1" in rows[0] and "--rank 32 or less" in rows[1]["error"]
     assert "## Not run" in (out / "report.md").read_text()
-    assert "not run: lora" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "not run: lora" in printed.out and "| base" in printed.out
+    assert printed.err.strip().splitlines()[-1].startswith("peftlab: error: 1 of 2 requested variants did not run: lora")
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="chromium not installed (apt-get install chromium)")

@@ -219,3 +219,27 @@ def test_hub_offline_names_the_id_and_suggests_a_local_file():
     message = user_error("hf:peftlab-tests/no-such-dataset:cfg@test")
     assert "hf:peftlab-tests/no-such-dataset:cfg@test" in message
     assert "local .jsonl" in message
+
+
+def test_damaged_save_to_disk_folder_is_one_line(tmp_path):
+    (tmp_path / "missing-arrow").mkdir()
+    (tmp_path / "missing-arrow" / "state.json").write_text('{"_data_files": [{"filename": "x.arrow"}]}')
+    (tmp_path / "bad-json").mkdir()
+    (tmp_path / "bad-json" / "state.json").write_text("garbage")
+    (tmp_path / "bad-json" / "dataset_info.json").write_text("garbage")
+    for name in ("missing-arrow", "bad-json"):
+        message = user_error(str(tmp_path / name))
+        assert "looks like a datasets.save_to_disk folder but cannot be read" in message and "\n" not in message
+
+
+def test_every_completion_empty_is_refused_and_the_train_split_may_be_empty_for_evaluation(tmp_path):
+    from peftlab.data.pipeline import prepare
+
+    write_jsonl(tmp_path / "empty.jsonl", [{"prompt": f"p{i}", "completion": " "} for i in range(5)])
+    with pytest.raises(UserError, match="every record of .* has an empty completion"):
+        prepare(str(tmp_path / "empty.jsonl"), None, "0.8,0.1,0.1", 0)
+    write_jsonl(tmp_path / "some.jsonl", [{"prompt": f"p{i}", "completion": "" if i else "c"} for i in range(5)])
+    assert len(prepare(str(tmp_path / "some.jsonl"), None, "1,0,0", 0).splits["train"]) == 5
+    with pytest.raises(UserError, match="the train split is empty"):
+        prepare(str(tmp_path / "some.jsonl"), None, "0,0,1", 0)
+    assert len(prepare(str(tmp_path / "some.jsonl"), None, "0,0,1", 0, require_train=False).splits["test"]) == 5

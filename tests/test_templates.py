@@ -215,3 +215,29 @@ def test_sandbox_blocks_python_internals():
 def test_no_autoescape_and_newlines_kept():
     template = Template("t", "<b>{{ prompt }}</b> & more\n\n", "{{ completion }}\n")
     assert render_with(template, {"prompt": "a<b>'\"", "completion": "c"}) == ("<b>a<b>'\"</b> & more\n\n", "c\n")
+
+
+@pytest.mark.parametrize("tag", ['{% include "/etc/passwd" %}', '{% import "macros.txt" as m %}',
+                                 '{% from "macros.txt" import x %}', '{% extends "base.txt" %}'])
+def test_templates_cannot_read_other_files(tmp_path, tag):
+    path = tmp_path / "t.yaml"
+    path.write_text(f"task: t\ntemplates:\n  - name: a\n    input: '{{{{ prompt }}}} {tag}'\n    target: x\n")
+    with pytest.raises(UserError) as info:
+        load_templates(path)
+    assert "templates cannot include, import or extend other files" in one_line(info) and "template 'a' input" in one_line(info)
+
+
+def test_null_field_is_named_null_with_its_record():
+    task = builtin_templates()["dialogsum"]
+    with pytest.raises(UserError) as info:
+        render(task, {"dialogue": DIALOGUE, "summary": None}, index=4, seed=0)
+    message = one_line(info)
+    assert "field 'summary', which is null in this record" in message and "record 5 of the data" in message
+    assert "lacks" not in message
+
+
+@pytest.mark.parametrize("source", ["{{ prompt / 2 }}", "{{ prompt + 1 }}", "{{ prompt|int(1, 2, 3, 4) }}", "{{ 1 // 0 }}"])
+def test_failing_template_code_is_one_line(source):
+    with pytest.raises(UserError) as info:
+        render_with(Template("t", source, "x"), {"prompt": "p"})
+    assert "template 't'" in one_line(info) and "failed to render" in one_line(info)

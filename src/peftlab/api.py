@@ -34,7 +34,7 @@ from peftlab.eval.generate import generate as _generate
 from peftlab.eval.score import ScoreReport, read_texts, score
 from peftlab.errors import UserError
 from peftlab.models import load_for_inference
-from peftlab.outputs import RunFolder, write_atomic
+from peftlab.outputs import RunFolder, check_output_path, write_atomic
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training.loop import TrainResult
 from peftlab.training.loop import train as _train
@@ -61,7 +61,7 @@ def evaluate(config: EvalConfig | None = None, *, progress: ProgressFactory = si
 def generate(config: GenerateConfig | None = None, *, progress: ProgressFactory = silent, **options) -> list[str]:
     """Greedy completions of a prompt or a file of prompts (``peftlab generate``)."""
     config = _config(GenerateConfig, config, options)
-    prompts = [config.prompt] if config.prompt is not None else read_texts(config.input)
+    prompts = [config.prompt] if config.prompt is not None else read_texts(config.input, fields=("prompt", "text"))
     if not prompts:
         raise UserError(f"no prompts in {config.input}")
     loaded = load_for_inference(config.model, config.adapter, config.dtype, config.device, config.trust_pickle, progress)
@@ -74,15 +74,26 @@ def generate(config: GenerateConfig | None = None, *, progress: ProgressFactory 
 def score_files(config: ScoreConfig | None = None, **options) -> ScoreReport:
     """ROUGE and BLEU of a predictions file against a references file (``peftlab score``)."""
     config = _config(ScoreConfig, config, options)
+    inputs = [("--predictions", config.predictions), ("--references", config.references)]
+    outputs = [check_output_path(path, flag, inputs)
+               for flag, path in (("--json", config.json), ("--per-example", config.per_example)) if path]
+    if len(outputs) == 2 and outputs[0].resolve() == outputs[1].resolve():
+        raise UserError(f"--json and --per-example both name {config.json}; give two different files")
     report = score(read_texts(config.predictions), read_texts(config.references),
                    use_stemmer=config.use_stemmer, bootstrap=config.bootstrap)
     if config.json:
         payload = {**report.aggregate, "bleu_signature": report.bleu_signature, "num_examples": report.num_examples,
                    "use_stemmer": report.use_stemmer, "intervals": {k: list(v) for k, v in report.intervals.items()}}
-        write_atomic(Path(config.json), json.dumps(payload, indent=2) + "\n")
+        _write_file(Path(config.json), json.dumps(payload, indent=2) + "\n")
     if config.per_example:
-        write_atomic(Path(config.per_example), "".join(json.dumps(row) + "\n" for row in report.per_example))
+        _write_file(Path(config.per_example), "".join(json.dumps(row) + "\n" for row in report.per_example))
     return report
+
+
+def _write_file(path: Path, text: str) -> None:
+    """Atomically, creating missing parent folders (the place was checked before the work)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
 
 
 def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = silent, **options) -> Path:
@@ -90,6 +101,10 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
     from peftlab.peft import merge_and_unload
 
     config = _config(MergeConfig, config, options)
+    out = check_output_path(config.out, "--out", [("--model", config.model), ("--adapter", config.adapter)], replaces_folder=True)
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise UserError(f"--out {out} already holds files; pass --overwrite to replace them (they stay until the merged "
+                        "model is written), or choose another --out")
     folder = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
     try:
         if config.quantize == "nf4":  # merge into the rounded weights the adapter was trained on
@@ -173,7 +188,8 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
     from peftlab.experiment.forgetting import forgetting_report
 
     config = _config(ForgettingConfig, config, options)
-    out = Path(config.out)
+    out = check_output_path(config.out, "--out", [("--model", config.model), ("--tuned", config.tuned), ("--adapter", config.adapter),
+                                                  ("--suite", config.suite)], writes=("forgetting.json", "forgetting.md"))
     if (out / "forgetting.json").exists() and not config.overwrite:
         raise UserError(f"{out} already holds forgetting.json; pass --overwrite or choose another --out")
     report = forgetting_report(config, progress=progress, log=log)
@@ -183,11 +199,18 @@ def forgetting(config: ForgettingConfig | None = None, *, progress: ProgressFact
     return report
 
 
+def _harness_inputs(config: HarnessConfig) -> list[tuple[str, str | None]]:
+    return [("--model", config.model), ("--adapter", config.adapter), ("--data-root", config.data_root),
+            *(("--tasks", task.strip()) for task in config.tasks.split(","))]
+
+
 def harness(config: HarnessConfig | None = None, *, progress: ProgressFactory = silent, **options):
     """Benchmark tasks scored as lm-evaluation-harness does (``peftlab harness``); writes results.json with --out."""
     from peftlab.eval.harness import run_harness_config, write_results
 
     config = _config(HarnessConfig, config, options)
+    if config.out:
+        check_output_path(config.out, "--out", _harness_inputs(config), writes=("results.json",))
     result = run_harness_config(config, progress=progress)
     if config.out:
         write_results(result, Path(config.out) / "results.json")
@@ -200,6 +223,8 @@ def holistic(config: HolisticConfig | None = None, *, progress: ProgressFactory 
     from peftlab.eval.holistic import plot_holistic, run_holistic_config
 
     config = _config(HolisticConfig, config, options)
+    if config.out:
+        check_output_path(config.out, "--out", _harness_inputs(config), writes=("holistic.json", "holistic.png"))
     result = run_holistic_config(config, progress=progress)
     if config.out:
         write_results(result, Path(config.out) / "holistic.json")

@@ -174,6 +174,9 @@ def _print_experiment(result) -> None:
     if result.skipped:
         say(f"\nreused finished results of: {', '.join(result.skipped)}")
     say(f"\nreport: {result.out / 'report.md'} and {result.out / 'report.html'}")
+    if failed:  # exit code 2: a script must not take a comparison with a missing method for a complete one
+        raise UserError(f"{len(failed)} of {len(result.rows)} requested variants did not run: "
+                        f"{', '.join(row['label'] for row in failed)} (why: the 'not run' lines above); the tables hold the others")
 
 
 def cmd_compare(config: CompareConfig) -> None:
@@ -250,7 +253,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="Read options from a YAML recipe (flags and key=value win).")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        help_text = f.metadata.get("help", "")
+        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %: "95%" would crash --help
         choices = f.metadata.get("choices")
         if hints[f.name] is bool:
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
@@ -264,7 +267,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
                                 choices=choices, help=help_text)
             continue
         required = f.default is dataclasses.MISSING
-        suffix = " (required)" if required else f" (default: {f.default})"
+        suffix = " (required)" if required else f" (default: {f.default})".replace("%", "%%")
         parser.add_argument(f"--{flag(f.name)}", dest=f.name, default=argparse.SUPPRESS, choices=choices,
                             metavar=f.name.upper() if not choices else None, help=help_text + suffix)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="Override any option, e.g. lr=1e-4 batch_size=4.")
@@ -277,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (cls, _) in COMMANDS.items():
         doc = (cls.__doc__ or "").strip()
-        p = sub.add_parser(name, help=doc.split(":", 1)[-1].strip(), description=doc, allow_abbrev=False)
+        summary = doc.split(":", 1)[-1].strip().replace("%", "%%")  # help is %-formatted, a description is not
+        p = sub.add_parser(name, help=summary, description=doc, allow_abbrev=False)
         _add_config_flags(p, cls)
     return parser
 

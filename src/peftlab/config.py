@@ -525,7 +525,7 @@ def coerce(cls: type, name: str, value: Any) -> Any:
             return str(value)
         if typing.get_origin(tp) is list:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int option given 1e400 (float infinity)
         raise UserError(f"--{flag(name)} expects {getattr(tp, '__name__', tp)}, got {value!r}") from None
     return value
 

@@ -29,12 +29,14 @@ import io
 import os
 import shutil
 import socket
+import struct
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -223,6 +225,10 @@ def convert_gguf(gguf_file: Path, out_dir: Path, progress: ProgressFactory = sil
         return out_dir
     if not gguf_file.is_file():
         raise UserError(f"model folder/file not found: {gguf_file}")
+    with gguf_file.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{gguf_file} is not a GGUF file (it does not start with the bytes 'GGUF'); "
+                            "pass a .gguf model file or a Hugging Face model folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(out_dir)
     # A private name per process; mkdir (unlike mkdtemp) honours the umask, so a shared cache stays readable.
@@ -233,9 +239,14 @@ def convert_gguf(gguf_file: Path, out_dir: Path, progress: ProgressFactory = sil
         with _quiet_transformers(capture_stderr=True):
             # 1. Read and dequantise (transformers' GGUF loader), float32.
             folder, name = gguf_file.parent, gguf_file.name
-            config = AutoConfig.from_pretrained(folder, gguf_file=name)
-            auto_class = _auto_class(config)
-            gguf_model = auto_class.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+            try:  # a truncated file fails wherever its data ends: in a header field or a tensor
+                config = AutoConfig.from_pretrained(folder, gguf_file=name)
+                auto_class = _auto_class(config)
+                gguf_model = auto_class.from_pretrained(folder, gguf_file=name, config=config, dtype=torch.float32)
+            except (ValueError, OSError, EOFError, IndexError, KeyError, struct.error) as err:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"{gguf_file} is not a readable GGUF model ({detail}); the file may be truncated or "
+                                "damaged: copy or download it again") from None
             bar.update(1, step="dequantised")
             # 2. Move the weights into a plain (unquantised) model of the same config, and save it.
             config = copy.deepcopy(gguf_model.config)
@@ -365,6 +376,9 @@ def load_model(
                 bar.update(1, step="config+tokenizer")
                 model = _auto_class(config).from_pretrained(path, config=config, dtype=torch_dtype)
                 bar.update(1, step="weights")
+            except SafetensorError as err:  # a damaged or truncated weights file
+                raise UserError(f"the model folder {path} holds a damaged weights file ({str(err).strip()}); "
+                                "copy or download the model again") from None
             except (OSError, ValueError) as err:
                 if is_local:
                     detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -80,3 +80,57 @@ class RunFolder:
             shutil.rmtree(self.work, ignore_errors=True)
         elif self.created and not resumable:
             shutil.rmtree(self.work, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output paths, checked before any work starts
+
+
+def check_output_path(path: str | Path, flag: str, inputs: list[tuple[str, str | Path | None]] = (), *,
+                      writes: tuple[str, ...] = (), replaces_folder: bool = False) -> Path:
+    """Refuse an output a command could not write, or one that would destroy one of its own inputs, before
+    any work starts (a failure after an hour of generation, or a merged model written over its base, loses more).
+
+    ``path`` is a file the command writes (``score --json``); with ``writes`` a folder it writes those files
+    into (``eval --out``: predictions.jsonl, metrics.json); with ``replaces_folder`` a folder it creates or
+    replaces whole (``merge --out``), so an input inside it, or a folder holding it, counts as destroyed too.
+    ``inputs`` are ``(flag, path)`` pairs of what the command reads; names that are no path (hub ids, aliases)
+    are skipped. Missing parent folders are fine (the command creates them) when the place is writable.
+    """
+    import tempfile
+
+    given = Path(path).expanduser()
+    target = Path(os.path.abspath(given))
+    wants_folder = bool(writes) or replaces_folder
+    if wants_folder and target.exists() and not target.is_dir():
+        raise UserError(f"{flag} {given} is a file; give a folder path")
+    if not wants_folder and target.is_dir():
+        raise UserError(f"{flag} {given} is a folder; give a file path")
+    existing = target.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {given} lies under {existing}, which is a file, not a folder; choose another path")
+    place = target if writes and target.is_dir() else existing  # a folder replaced whole is staged beside it
+    try:  # writing a file is the one test that also holds for root, read-only mounts and /proc
+        fd, probe = tempfile.mkstemp(prefix=".peftlab-write-test-", dir=place)
+    except OSError as e:
+        raise UserError(f"{flag} {given}: cannot write in {place} ({e.strerror}); choose a writable place") from None
+    os.close(fd)
+    os.unlink(probe)
+    written = [target / name for name in writes] if writes else [target]
+    for input_flag, input_path in inputs:
+        if input_path is None or not Path(input_path).expanduser().exists():
+            continue
+        source = Path(input_path).expanduser().resolve()
+        for out in written:
+            if out.resolve() == source or (out.exists() and os.path.samefile(out, source)):
+                raise UserError(f"{flag} {given} would overwrite the {input_flag} input {input_path}; "
+                                f"choose another path for {flag}")
+        if replaces_folder and source.is_relative_to(target.resolve()):
+            raise UserError(f"{flag} {given} would replace the folder holding the {input_flag} input {input_path}; "
+                            f"choose another path for {flag}")
+        if replaces_folder and target.resolve().is_relative_to(source):
+            raise UserError(f"{flag} {given} lies inside the {input_flag} input {input_path}; "
+                            f"choose a path outside it for {flag}")
+    return given

@@ -23,6 +23,7 @@ from peftlab.data.mixtures import Mixture, TaskSpec, mix, parse_tasks
 from peftlab.data.sources import load_records
 from peftlab.data.splits import parse_fractions, split_records
 from peftlab.data.templates import TaskTemplates, render, resolve_templates
+from peftlab.errors import UserError
 
 # ------------------------------------------------------------------------------------------ one task
 
@@ -47,12 +48,19 @@ class PreparedData:
         return self.splits[split]
 
 
-def prepare(source: str, template: str | None, fractions: str, seed: int) -> PreparedData:
-    """One source through the pass; ``seed`` draws the split and each example's phrasing."""
+def prepare(source: str, template: str | None, fractions: str, seed: int, require_train: bool = True) -> PreparedData:
+    """One source through the pass; ``seed`` draws the split and each example's phrasing.
+
+    ``require_train=False``: an empty train split is fine (evaluation without few-shot examples).
+    Data whose every completion renders empty is refused: nothing to learn or score."""
     records = load_records(source)
     task = resolve_templates(template, records)
-    splits = split_records(records, parse_fractions(fractions), seed=seed)
-    return PreparedData(task, {name: [_example(task, row, seed) for row in rows] for name, rows in splits.items()})
+    splits = split_records(records, parse_fractions(fractions), seed=seed, require_train=require_train)
+    data = PreparedData(task, {name: [_example(task, row, seed) for row in rows] for name, rows in splits.items()})
+    if all(not ex.completion.strip() for rows in data.splits.values() for ex in rows):
+        raise UserError(f"every record of {source} has an empty completion (the target of template '{task.task}'); "
+                        "fill in the target field, or choose another --template")
+    return data
 
 
 def _example(task: TaskTemplates, row: dict, seed: int) -> Example:

@@ -140,8 +140,11 @@ def _read_parquet(path: Path) -> list[dict]:
         raise UserError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
 
 
+_SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")  # what save_to_disk writes
+
+
 def _load_folder(path: Path) -> list[dict]:
-    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+    if any((path / name).is_file() for name in _SAVED_DATASET_MARKERS):
         return _load_saved_dataset(path)
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
     if len(files) != 1:
@@ -157,8 +160,14 @@ def _load_saved_dataset(path: Path) -> list[dict]:
     """A ``save_to_disk`` folder; of a DatasetDict, its ``train`` split (or its only split)."""
     from datasets import DatasetDict, load_from_disk
 
-    with _quiet_datasets():
-        data = load_from_disk(str(path))
+    try:
+        with _quiet_datasets():
+            data = load_from_disk(str(path))
+    except Exception as e:  # a damaged or hand-made folder: missing arrow files, bad JSON, ... (datasets' errors vary)
+        raise UserError(
+            f"{path} looks like a datasets.save_to_disk folder but cannot be read ({type(e).__name__}: {_first_line(e)}); "
+            "save it again with save_to_disk, or pass a .jsonl/.json/.csv/.parquet file"
+        ) from None
     if isinstance(data, DatasetDict):
         if "train" in data:
             data = data["train"]

@@ -27,24 +27,26 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
         values = []
     if len(values) != 3:
         raise UserError(
-            f"--split '{text}': give three comma-separated fractions train,validation,test, e.g. 0.8,0.1,0.1"
+            f"--split-fractions '{text}': give three comma-separated fractions train,validation,test, e.g. 0.8,0.1,0.1"
         )
-    return _check(values, f"--split '{text}'")
+    return _check(values, f"--split-fractions '{text}'")
 
 
 def split_records(
-    records: list[dict], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0
+    records: list[dict], fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 0, require_train: bool = True
 ) -> dict[str, list[dict]]:
-    """``{"train": [...], "validation": [...], "test": [...]}``; each split in input order."""
+    """``{"train": [...], "validation": [...], "test": [...]}``; each split in input order.
+
+    ``require_train=False`` allows an empty train split (evaluating a separate test file needs none)."""
     fractions = _check(list(fractions), f"split fractions {tuple(fractions)}")
     n = len(records)
     sizes = _sizes(n, fractions)
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    if sizes[0] == 0:
+    if sizes[0] == 0 and require_train:
         raise UserError(
             f"the train split is empty: {n} records with fractions {fractions}; "
-            "give more records or a larger train fraction (--split)"
+            "give more records or a larger train fraction (--split-fractions)"
         )
     splits, start = {}, 0
     for name, size in zip(SPLITS, sizes):

@@ -179,6 +179,11 @@ def _parse(text: str, source: str) -> TaskTemplates:
                 raise UserError(
                     f"{source}: template '{template.name}' {part}: Jinja2 syntax error ({e.message}, line {e.lineno})"
                 ) from None
+            if next(_ENV.parse(getattr(template, part)).find_all(_FILE_TAGS), None) is not None:
+                raise UserError(
+                    f"{source}: template '{template.name}' {part}: templates cannot include, import or extend other "
+                    "files ({% include %}, {% import %}, {% extends %}); write the text into the template itself"
+                )
         templates.append(template)
     names = [t.name for t in templates]
     if len(set(names)) != len(names):
@@ -204,6 +209,8 @@ def _parse(text: str, source: str) -> TaskTemplates:
 
 # No autoescape (prompts are not HTML); keep_trailing_newline so a template's text is kept exactly.
 _ENV = SandboxedEnvironment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
+# Tags that read other template files: the environment has no loader, a template is one self-contained text.
+_FILE_TAGS = (jinja2.nodes.Include, jinja2.nodes.Import, jinja2.nodes.FromImport, jinja2.nodes.Extends)
 
 
 @functools.lru_cache(maxsize=512)
@@ -219,7 +226,7 @@ def choose(task: TaskTemplates, index: int, seed: int) -> Template:
 def render(task: TaskTemplates, record: dict, index: int, seed: int) -> tuple[str, str]:
     """``(input, target)`` of one example, with the phrasing :func:`choose` picks for it."""
     template = choose(task, index, seed)
-    return _render(template, record, task, f"example {index}")
+    return _render(template, record, task, f"example {index} (record {index + 1} of the data)")
 
 
 def render_with(template: Template, record: dict) -> tuple[str, str]:
@@ -237,12 +244,18 @@ def _render(template: Template, record: dict, task: TaskTemplates | None, where:
     except jinja2.UndefinedError as e:
         match = re.match(r"'([^']+)' is undefined", e.message or "")
         what = f"field '{match.group(1)}'" if match else f"a field ({e.message})"
+        if match and match.group(1) in record:  # present, but null
+            raise UserError(
+                f"{where}: template '{template.name}'{_of(task)} needs {what}, which is null in this record; "
+                "fill it in or remove the record"
+            ) from None
         raise UserError(
             f"{where}: template '{template.name}'{_of(task)} needs {what}, which the record lacks "
             f"(it has {_fields(record)}); fix the data or choose another --template"
         ) from None
-    except jinja2.TemplateError as e:  # e.g. the sandbox refusing an unsafe attribute, a failing filter
-        message = " ".join(str(e).split())
+    except (jinja2.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as e:
+        # the sandbox refusing an unsafe attribute, a failing filter, arithmetic on a text field ('{{ text / 2 }}')
+        message = " ".join(str(e).split()) or type(e).__name__
         raise UserError(
             f"{where}: template '{template.name}'{_of(task)} failed to render ({message}); fix the template"
         ) from None

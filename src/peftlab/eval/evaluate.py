@@ -19,7 +19,7 @@ from peftlab.config import EvalConfig, to_dict
 from peftlab.data.encode import format_prompt, uses_chat_template
 from peftlab.data.pipeline import Example, prepare
 from peftlab.errors import UserError
-from peftlab.outputs import write_atomic
+from peftlab.outputs import check_output_path, write_atomic
 from peftlab.memory import peak_memory
 from peftlab.eval.generate import generate
 from peftlab.eval.score import score
@@ -40,15 +40,17 @@ class EvalResult:
 
 def select_examples(config: EvalConfig) -> tuple[list[Example], list[Example]]:
     """(examples to evaluate, few-shot examples drawn from the training split)."""
-    data = prepare(config.data, config.template, config.split_fractions, config.split_seed)
+    data = prepare(config.data, config.template, config.split_fractions, config.split_seed, require_train=False)
     examples = data.examples(config.split)[: config.limit]
     if not examples:
-        raise UserError(f"the {config.split} split of {config.data} is empty; change --split or --split-fractions")
+        raise UserError(f"the {config.split} split of {config.data} is empty with --split-fractions {config.split_fractions}; "
+                        "change --split or --split-fractions (--split all evaluates every record)")
     shots: list[Example] = []
     if config.fewshot:
         train = data.splits["train"]
         if len(train) < config.fewshot:
-            raise UserError(f"--fewshot {config.fewshot} needs that many training examples; the train split has {len(train)}")
+            raise UserError(f"--fewshot {config.fewshot} takes its examples from the train split, which has {len(train)} with "
+                            f"--split-fractions {config.split_fractions}; give the train split a larger fraction or lower --fewshot")
         shots = random.Random(config.split_seed).sample(train, config.fewshot)
     return examples, shots
 
@@ -86,7 +88,8 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
 
     ``loaded`` lets a caller that already holds the model (the demo) skip loading it again.
     """
-    out = Path(config.out)
+    inputs = [("--model", config.model), ("--adapter", config.adapter), ("--data", config.data), ("--template", config.template)]
+    out = check_output_path(config.out, "--out", inputs, writes=OUTPUT_FILES)
     existing = [name for name in OUTPUT_FILES if (out / name).exists()]
     if existing and not config.overwrite:
         raise UserError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them or choose another --out")

@@ -88,9 +88,9 @@ def score(
     return ScoreReport(aggregate, signature, intervals, per_example, n, use_stemmer)
 
 
-def read_texts(path) -> list[str]:
-    """One text per example: ``.jsonl`` lines are JSON strings or objects with a ``text`` field
-    (blank lines skipped); any other file is plain text, one example per line."""
+def read_texts(path, fields: tuple[str, ...] = ("text",)) -> list[str]:
+    """One text per example: ``.jsonl`` lines are JSON strings or objects with one of ``fields`` (the first
+    present; blank lines skipped); any other file is plain text, one example per line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"text file not found: {path} (give a .jsonl or a .txt file, one example per line)")
@@ -109,13 +109,15 @@ def read_texts(path) -> list[str]:
             item = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(f"{path} line {number} is not valid JSON ({err.msg}): fix or remove that line") from None
+        wanted = " or ".join(f'"{name}"' for name in fields)
         if isinstance(item, dict):
-            if "text" not in item:
-                raise UserError(f'{path} line {number} is an object without a "text" field: add one')
-            item = item["text"]
+            present = [name for name in fields if name in item]
+            if not present:
+                raise UserError(f"{path} line {number} is an object without a {wanted} field: add one")
+            item = item[present[0]]
         if not isinstance(item, str):
             raise UserError(
-                f'{path} line {number} holds {type(item).__name__}, not a string or an object with a "text" string'
+                f"{path} line {number} holds {type(item).__name__}, not a string or an object with a {wanted} string"
             )
         texts.append(item)
     return texts

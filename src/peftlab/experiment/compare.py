@@ -34,7 +34,8 @@ import yaml
 from peftlab import method_table
 from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
-from peftlab.outputs import write_atomic
+from peftlab.experiment.report import read_saved
+from peftlab.outputs import check_output_path, write_atomic
 
 EVAL_ONLY = ("base", "fewshot")
 # Settings that must agree for finished variants to be reused by a rerun.
@@ -220,7 +221,7 @@ def _check_settings(out: Path, config) -> None:
     stored_path = out / "experiment.json"
     current = {k: getattr(config, k) for k in _SHARED if hasattr(config, k)}
     if stored_path.is_file():
-        stored = json.loads(stored_path.read_text())["shared"]
+        stored = read_saved(stored_path, "shared")["shared"]
         changed = [k for k in current if stored.get(k) != current[k]]
         if changed:
             raise UserError(f"{out} holds an experiment with other settings ({', '.join(changed)} differ); "
@@ -230,7 +231,8 @@ def _check_settings(out: Path, config) -> None:
 
 
 def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant], log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
-    out = Path(config.out)
+    inputs = [("--model", config.model), ("--data", config.data), ("--template", config.template)]
+    out = check_output_path(config.out, "--out", inputs, writes=("experiment.json", "results.json", "report.md", "report.html"))
     _check_settings(out, config)
     rows, skipped = [], []
     for i, variant in enumerate(variants, 1):
@@ -239,7 +241,7 @@ def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant],
         if done.is_file():
             log(f"[{i}/{len(variants)}] {variant.label}: finished earlier, skipped")
             skipped.append(variant.label)
-            rows.append(json.loads(done.read_text()))
+            rows.append(read_saved(done, "label"))
             continue
         log(f"[{i}/{len(variants)}] {variant.label}")
         try:

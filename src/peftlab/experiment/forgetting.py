@@ -250,7 +250,7 @@ def prepare_suite(items: Sequence[SuiteItem]) -> list[PreparedItem]:
     """Load, template and split each task's data and pick its examples (the same for both models)."""
     prepared = []
     for item in items:
-        data = prepare(item.data, item.template, item.split_fractions, item.split_seed)
+        data = prepare(item.data, item.template, item.split_fractions, item.split_seed, require_train=False)  # evaluation only
         examples = data.examples(item.split)[: item.limit]
         if not examples:
             raise UserError(f"suite task '{item.name}': the {item.split} split of {item.data} is empty; change split or split_fractions")

@@ -45,11 +45,24 @@ def _mb(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.3f}"
 
 
+def read_saved(path: Path, *keys: str) -> dict:
+    """A JSON file that compare or sweep wrote, holding ``keys``; a damaged or foreign one ends in one line naming it."""
+    rerun = "delete it and run the same peftlab compare or sweep command again (finished variants are reused)"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is damaged (not valid JSON: {e}); {rerun}") from None
+    missing = [k for k in keys if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise UserError(f"{path} is damaged (it lacks {', '.join(missing)}); {rerun}")
+    return data
+
+
 def load_results(run_dir: str | Path) -> tuple[str, list[dict]]:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise UserError(f"{run_dir} holds no results.json: give the folder of a compare or sweep run")
-    data = json.loads(path.read_text())
+    data = read_saved(path, "kind", "rows")
     return data["kind"], data["rows"]
 
 

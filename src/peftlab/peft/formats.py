@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -148,7 +149,10 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
 def read_adapter_tensors(adapter_dir: str | Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     adapter_dir = Path(adapter_dir)
     if (adapter_dir / SAFETENSORS_NAME).is_file():
-        return load_file(str(adapter_dir / SAFETENSORS_NAME), device="cpu")
+        try:
+            return load_file(str(adapter_dir / SAFETENSORS_NAME), device="cpu")
+        except SafetensorError as e:
+            raise UserError(f"{adapter_dir / SAFETENSORS_NAME} is damaged ({str(e).strip()}); copy it again or retrain the adapter") from None
     if (adapter_dir / PICKLE_NAME).is_file():
         if not trust_pickle:
             raise UserError(
