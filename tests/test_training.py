@@ -111,8 +111,8 @@ def test_resume_continues_bit_identically(tiny_llama_dir, tmp_path):
     a = load_file(straight.final_dir / "model.safetensors")
     b = load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # the resumed run logged steps 4..8 again after the interrupted ones; the final losses agree exactly
-    assert losses(straight.run_dir)[-5:] == losses(resumed.run_dir)[-5:]
+    # metrics.jsonl was cut back to the checkpoint's step 3: every step logged once, with the same loss
+    assert losses(straight.run_dir) == losses(resumed.run_dir)
 
 
 def test_resume_with_other_weight_decay_groups_is_a_user_error(tiny_llama_dir, tmp_path):

@@ -89,8 +89,10 @@ ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 def cmd_train(config: TrainConfig) -> None:
     result = api.train(config, progress=progress, log=say)
-    say(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s); "
-        f"train loss {result.train_loss:.4f}" + (f", validation loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""))
+    losses = [f"train loss {result.train_loss:.4f}"] if result.train_loss is not None else []
+    losses += [f"validation loss {result.eval_loss:.4f}"] if result.eval_loss is not None else []
+    say(f"trained {result.steps} steps in {result.seconds:.1f} s ({result.tokens_per_second:.0f} tokens/s)"
+        + ("; " + ", ".join(losses) if losses else ""))
     say(f"run: {result.run_dir}\nfinal: {result.final_dir}")
 
 
@@ -249,12 +251,29 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _FlagOrValue(argparse.Action):
+    """A flag that may take a value: ``--resume`` sets it, ``--resume PATH`` also sets ``value_dest``."""
+
+    def __init__(self, *args: Any, value_dest: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.value_dest = value_dest
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        if value is not None:
+            setattr(namespace, self.value_dest, value)
+
+
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="Read options from a YAML recipe (flags and key=value win).")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %: "95%" would crash --help
         choices = f.metadata.get("choices")
+        if hints[f.name] is bool and f"{f.name}_from" in hints:  # --resume, or --resume PATH (= --resume-from PATH)
+            parser.add_argument(f"--{flag(f.name)}", dest=f.name, action=_FlagOrValue, value_dest=f"{f.name}_from",
+                                nargs="?", metavar="PATH", default=argparse.SUPPRESS, help=help_text)
+            continue
         if hints[f.name] is bool:
             parser.add_argument(f"--{flag(f.name)}", dest=f.name, action="store_true", default=argparse.SUPPRESS, help=help_text)
             continue
@@ -320,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, run = parse(argv)
         run(config)
-    except UserError as e:
-        sys.stderr.write(f"peftlab: error: {e}\n")
+    except UserError as e:  # exit code 128 + N: training stopped cleanly on signal N (SIGINT 130, SIGTERM 143)
+        sys.stderr.write(f"peftlab: {'' if e.exit_code > 128 else 'error: '}{e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("peftlab: interrupted\n")

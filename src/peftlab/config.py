@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,11 +142,16 @@ class TrainConfig:
     eval_every: int = option(0, "Compute the validation loss every N steps (0: only at the end).")
     eval_limit: int | None = option(64, "Validation examples used for the validation loss (None: all).")
     save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = option(2, "Keep the newest K checkpoints; older ones are deleted once a newer one is complete.")
     log_every: int = option(1, "Write training metrics every N steps.")
     seed: int = option(42, "Seed of initialisation, data order and dropout.")
     dtype: str = dtype_option()
     device: str = device_option()
-    resume: bool = option(False, "Continue the run in --out from its newest checkpoint.")
+    resume: bool = option(False, "Continue the run in --out from its newest complete checkpoint (--resume PATH: from "
+                                 "that checkpoint folder).")
+    resume_from: str | None = option(None, "Continue the run in --out from this checkpoint folder (implies --resume).")
+    skip_nonfinite_steps: bool = option(False, "Skip an optimizer step whose loss or gradient norm is NaN or infinite "
+                                               "(counted in run.json) instead of stopping the run.")
     overwrite: bool = option(False, "Replace a run already in --out (the old one is kept until the new one finishes).")
     # --- LoRA family (lora, dora)
     rank: int = option(8, "LoRA rank r of the update B A.")
@@ -185,6 +191,11 @@ class TrainConfig:
             raise UserError("give the training data with --data PATH, or a multi-task mixture with --task NAME=PATH (repeated), not both")
         if self.prompt_init_text and self.prompt_init != "text":
             self.prompt_init = "text"  # giving the text is asking for it
+        if self.resume_from:
+            self.resume = True
+        for name, value in dataclasses.asdict(self).items():  # float('nan'), 'inf', 1e309 parse as floats
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"--{flag(name)} must be a finite number, got {value}")
         if self.quantize and method_table.get(self.method).quantised_base == "never":
             raise UserError(f"--quantize nf4 puts LoRA-family adapters on a 4-bit base; it does not apply to --method {self.method}")
         if self.regularize and self.method != "full":
@@ -194,7 +205,7 @@ class TrainConfig:
         _positive(self, "reg_lambda", "ewc_examples", "mix_cap", "mix_size", "mix_temperature")
         _positive(self, "batch_size", "grad_accum", "max_steps", "epochs", "max_length", "max_target_length", "limit", "eval_limit")
         _positive(self, "eval_every", "save_every", "weight_decay", allow_zero=True)
-        _positive(self, "log_every", "lr", "max_grad_norm")
+        _positive(self, "log_every", "lr", "max_grad_norm", "keep_checkpoints")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume and self.overwrite:

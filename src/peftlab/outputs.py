@@ -1,12 +1,16 @@
 """Outputs that appear whole or not at all: atomic file writes and run folders replaced whole.
 
-A reader (or a rerun after a kill) sees the old file or the new one, never half of one. A run
-folder that replaces an existing one (``--overwrite``) is written into a staging folder beside it
-and swapped in only when finished: the old one is never half-overwritten.
+A reader (or a rerun after a kill) sees the old file or the new one, never half of one: files are
+written under a temporary name, fsynced, renamed, and the folder fsynced, so a power cut does not
+leave a renamed but empty file either. A run folder that replaces an existing one (``--overwrite``)
+is written into a staging folder beside it and swapped in only when finished: the old one is never
+half-overwritten. A process killed midway leaves its hidden staging folder behind; the next run
+preparing the same folder removes it (once its process is gone).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -16,12 +20,30 @@ from pathlib import Path
 from peftlab.errors import UserError
 
 
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, e.g. a rename) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder under ``folder`` (before renaming it into place)."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):  # files before the folders holding them
+        fsync(path)
+    fsync(folder)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
+    fsync(tmp)
     os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def write_json(path: Path, data) -> None:
@@ -42,12 +64,15 @@ class RunFolder:
 
     final: Path
     work: Path
-    created: bool = False  # this run made the folder (so it may remove it if it fails before a checkpoint)
+    created: bool = False  # this run made the folder (so it may remove it if it fails before writing run.json)
 
     @classmethod
     def prepare(cls, out: str | Path, *, overwrite: bool, resume: bool) -> "RunFolder":
         final = Path(out)
+        _clean_stale_staging(final)
         if resume:
+            if final.is_dir() and not any(final.iterdir()):  # a run stopped before it wrote anything
+                return cls(final, final)
             if not holds_run(final):
                 raise UserError(f"--resume: {final} holds no run to continue (no {RUN_MARKER}); drop --resume to start one")
             return cls(final, final)
@@ -67,19 +92,53 @@ class RunFolder:
 
     def commit(self) -> None:
         """Move a staged run into place, replacing the old one only now."""
-        if self.work == self.final:
+        if not self.staged:
             return
+        fsync_tree(self.work)
         old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
         os.replace(self.final, old)
         os.replace(self.work, self.final)
+        fsync(self.final.parent)
         shutil.rmtree(old, ignore_errors=True)
 
-    def abandon(self, resumable: bool = False) -> None:
-        """After a failure: drop a staging folder, or a folder this run created unless it can be resumed."""
-        if self.work != self.final:
+    @property
+    def staged(self) -> bool:
+        """Written beside an existing run that it replaces only when finished (``--overwrite``)."""
+        return self.work != self.final
+
+    def abandon(self) -> None:
+        """After a failure: drop a staging folder (the old run stays), or a folder this run created while it
+        holds nothing yet; a run that wrote its ``run.json`` keeps its folder (``--resume`` continues it)."""
+        if self.staged or (self.created and not holds_run(self.work)):
             shutil.rmtree(self.work, ignore_errors=True)
-        elif self.created and not resumable:
-            shutil.rmtree(self.work, ignore_errors=True)
+
+
+def _clean_stale_staging(final: Path) -> None:
+    """Remove what a killed ``--overwrite`` left beside ``final``: ``.NAME.partial-PID`` staging folders and
+    ``.NAME.old-PID`` (the replaced run, put back when the kill came between the two renames of ``commit``)."""
+    if not final.parent.is_dir():
+        return
+    for kind in ("old", "partial"):
+        for path in final.parent.glob(f".{glob.escape(final.name)}.{kind}-*"):
+            pid = path.name.rpartition("-")[2]
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ A run is a sequence of named phases, read top to bottom in ``_train``:
                        linear, or constant) schedule
     restore            with ``--resume``: weights, optimizer, schedule, RNG states and data position
     train_loop         ``train_step`` per optimizer step; metrics, a validation loss and a checkpoint every N steps
-    finish             the last checkpoint, the final model (or adapter) in ``final/``, ``run.json``
+                       and at the last step
+    finish             the final model (or adapter) in ``final/``, ``run.json``
 
 The loop never branches on the method: ``methods`` decides what trains and what ``final/`` holds.
 
@@ -21,27 +22,45 @@ micro-batches together), so accumulation gives the same gradient as one big batc
 
 The data order is a seeded permutation per epoch; the position in it (epoch, micro-batch) is part
 of every checkpoint, so ``--resume`` continues exactly where the run stopped: same weights,
-optimizer moments, schedule, RNG states and next batch.
+optimizer moments, schedule, RNG states and next batch. It refuses settings that would change
+the result (``_RESUME_FREE`` lists the ones it accepts), cuts ``metrics.jsonl`` back to what the
+checkpoint had seen (the re-run steps are logged once), and says so when a run already finished.
+
+What can end a run, and what it leaves:
+
+    SIGINT / SIGTERM   ``StopRequests``: a checkpoint at the end of the current step, then ``Interrupted``
+                       (exit 130 / 143 in the CLI) saying how to resume; a second signal exits at once
+    NaN / inf          a step whose loss or gradient norm is not finite is never applied: the run stops
+                       (``NonFiniteStep``, naming the step; checkpoints and ``final/`` hold finite weights
+                       only) or, with ``--skip-nonfinite-steps``, skips it and counts it in ``run.json``
+    out of memory      one line naming the options that need less memory
+    a kill             the newest complete checkpoint (``checkpoint`` writes them whole) and ``--resume``
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import transformers
 
+from peftlab import __version__, method_table
 from peftlab.config import TrainConfig, to_dict
 from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_template
 from peftlab.data.pipeline import Example, prepare, prepare_mixture
 from peftlab.errors import UserError
 from peftlab.memory import peak_memory
 from peftlab.models import LoadedModel, load_model
-from peftlab.outputs import RUN_MARKER, RunFolder, write_json
+from peftlab.outputs import RUN_MARKER, RunFolder, fsync, fsync_tree, write_atomic, write_json
 from peftlab.peft import virtual_token_count
 from peftlab.peft.core import ParameterReport
 from peftlab.progress import ProgressFactory, silent
@@ -50,9 +69,10 @@ from peftlab.training import methods
 from peftlab.training.loss import completion_loss, target_count
 from peftlab.training.regularize import Regularizer, make_regularizer
 
-# Settings that must not change when a run is resumed.
-_RESUME_KEYS = ("model", "data", "task", "mix", "mix_cap", "mix_temperature", "mix_size", "method", "template",
-                "split_fractions", "split_seed", "limit", "batch_size", "grad_accum", "seed", "regularize", "reg_lambda")
+# The settings ``--resume`` may change: they do not change the trained weights. Every other one would
+# (learning rate, schedule, steps, data, method options ...): resuming with it changed is refused.
+_RESUME_FREE = ("out", "resume", "resume_from", "overwrite", "device", "log_every", "eval_every", "eval_limit",
+                "save_every", "keep_checkpoints", "skip_nonfinite_steps")
 
 
 @dataclass
@@ -108,15 +128,33 @@ def validation_loss(model, examples: list[Encoded], batch_size: int, pad_id: int
     return total / max(count, 1)
 
 
+class Interrupted(UserError):
+    """SIGINT or SIGTERM stopped the run cleanly; the exit code is the shell's for that signal (130, 143)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteStep(UserError):
+    """A step's loss or gradient norm was NaN or infinite (the weights were not updated with it)."""
+
+
 def train(config: TrainConfig, progress: ProgressFactory = silent, log: Callable[[str], None] = lambda _: None) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.data``; see the module docstring."""
     run = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=config.resume)
     if config.resume:
-        _check_resume(run, config)
+        check_resume(run, config, log)
     try:
         result = _train(config, run, progress, log)
+    except (torch.OutOfMemoryError, MemoryError):
+        run.abandon()
+        again = " (--overwrite to start this run again)" if run.final.is_dir() else ""
+        raise UserError(f"out of memory while training {config.model} on {config.device}: use a smaller --batch-size "
+                        f"(with a larger --grad-accum to keep the batch), a shorter --max-length, a PEFT method "
+                        f"(--method lora), --dtype bfloat16, or --quantize nf4{again}") from None
     except BaseException:
-        run.abandon(resumable=ckpt.latest_checkpoint(run.work / "checkpoints") is not None)
+        run.abandon()
         raise
     run.commit()
     result.run_dir = run.final
@@ -124,12 +162,45 @@ def train(config: TrainConfig, progress: ProgressFactory = silent, log: Callable
     return result
 
 
-def _check_resume(run: RunFolder, config: TrainConfig) -> None:
-    stored = json.loads((run.final / RUN_MARKER).read_text())["config"]
-    changed = [k for k in _RESUME_KEYS if stored.get(k) != getattr(config, k)]
+def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None]) -> None:
+    """Refuse to resume a finished run, or with settings that change the result; warn about other versions."""
+    marker = run.final / RUN_MARKER
+    if not marker.exists():
+        return  # an empty folder: the run stopped before it wrote anything
+    try:
+        info = json.loads(marker.read_text())
+        stored = info["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{marker} is corrupt ({type(e).__name__}: {str(e)[:80]}), so the run cannot be checked "
+                        f"for resuming: restore the file, or start over with --overwrite") from None
+    if info.get("status") == "finished":
+        steps = (info.get("result") or {}).get("steps")
+        raise UserError(f"the run in {run.final} already finished ({steps} steps, model in {run.final / 'final'}); "
+                        f"nothing to resume: use --overwrite to train it again, or a new --out")
+    ours, theirs = _result_settings(to_dict(config)), _result_settings(stored)
+    changed = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
     if changed:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {stored.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-        raise UserError(f"--resume with different settings than the run in {run.final}: {diffs}; use the original ones")
+        diffs = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
+        raise UserError(f"--resume would change what the run in {run.final} trains: {diffs}; resume with the original "
+                        f"settings, or start a new run (--overwrite or another --out)")
+    old, new = info.get("versions", {}), versions()
+    differ = [f"{name} {old[name]} -> {new[name]}" for name in new if name in old and old[name] != new[name]]
+    if differ:
+        log(f"warning: resuming with other versions than the run started with ({', '.join(differ)}): "
+            f"the continued run may not match an uninterrupted one bit for bit")
+
+
+def _result_settings(config: dict) -> dict:
+    """The settings that change the trained weights, the learning rate resolved (no --lr: the method's default)."""
+    settings = {k: v for k, v in config.items() if k not in _RESUME_FREE}
+    if settings.get("lr") is None and settings.get("method") in method_table.METHODS:
+        settings["lr"] = method_table.get(settings["method"]).default_lr
+    return settings
+
+
+def versions() -> dict[str, str]:
+    """What run.json records, so that a resume on other versions can say so."""
+    return {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: Callable[[str], None]) -> TrainResult:
@@ -144,12 +215,25 @@ def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: 
     state = restore(config, run.work / "checkpoints", setup.model, optim, len(batches.train), log)
     info = run_info(config, setup, examples, batches, encode.chat, optim.total_steps)
     write_json(run.work / RUN_MARKER, info)
-    with MetricsLog(run.work) as metrics:
-        train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics, progress)
+    with MetricsLog(run.work, keep_lines=state.metrics_lines) as metrics, StopRequests() as stop:
+        train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics, progress,
+                   stop)
+        if stop.signum is not None:
+            raise _interrupted(run, state, optim, stop.signum)
         eval_loss = batches.validation_loss(setup.model, config.batch_size)
         if eval_loss is not None:
             metrics.write({"step": state.step, "eval_loss": eval_loss})
-    return finish(config, run.work, state, setup, optim, info, eval_loss)
+    return finish(config, run.work, state, setup, info, eval_loss)
+
+
+def _interrupted(run: RunFolder, state: TrainState, optim: Optimization, signum: int) -> Interrupted:
+    name = signal.Signals(signum).name
+    where = f"stopped by {name} after step {state.step} of {optim.total_steps}"
+    if run.staged:
+        return Interrupted(f"{where}; --overwrite replaces {run.final} only when the new run finishes, so it is "
+                           f"unchanged: run the same command again to start over", signum)
+    return Interrupted(f"{where}, checkpoint {ckpt.checkpoint_name(state.step)} saved: continue with the same command "
+                       f"plus --resume (peftlab train ... --out {run.final} --resume)", signum)
 
 
 # --- data and model
@@ -349,45 +433,91 @@ class DataOrder:
 
 @dataclass
 class TrainState:
-    """What changes as the run goes: the optimizer step, the data position and throughput counters."""
+    """What changes as the run goes: the optimizer step, the data position and counters, all kept in checkpoints."""
 
     step: int
     order: DataOrder
-    seen_tokens: int = 0  # since this process started training
-    recent: list[float] = field(default_factory=list)  # losses of the last 10 steps
-    start: float = 0.0  # time.perf_counter() when training started
+    seen_tokens: int = 0  # tokens the model read, over all the run's processes
+    recent: list[float] = field(default_factory=list)  # losses of the last 10 logged steps
+    skipped: int = 0  # steps skipped for a non-finite loss or gradient norm (--skip-nonfinite-steps)
+    metrics_lines: int | None = 0  # lines of metrics.jsonl written up to ``step`` (None: keep the file as it is)
+    earlier_seconds: float = 0.0  # training time of the processes before this one
+    start: float = 0.0  # time.perf_counter() when this process started training
 
     @property
     def elapsed(self) -> float:
-        return time.perf_counter() - self.start
+        return self.earlier_seconds + time.perf_counter() - self.start
 
 
 def restore(config: TrainConfig, checkpoints: Path, model, optim: Optimization, n_train: int,
             log: Callable[[str], None]) -> TrainState:
-    """Step 0 at the start of the data order, or with ``--resume`` the newest checkpoint's weights,
-    optimizer moments, schedule, RNG states and data position."""
-    latest = ckpt.latest_checkpoint(checkpoints) if config.resume else None
-    if latest is None:
-        if config.resume:
-            log("no checkpoint yet: starting from step 0")
-        return TrainState(0, DataOrder(n_train, config.batch_size, config.seed))
-    weights, opt_state, rng, saved = ckpt.load_checkpoint(latest)
+    """Step 0 at the start of the data order, or with ``--resume`` a checkpoint's weights, optimizer
+    moments, schedule, RNG states, data position and counters (the newest complete one, or ``--resume PATH``)."""
+    fresh = TrainState(0, DataOrder(n_train, config.batch_size, config.seed))
+    if not config.resume:
+        return fresh
+    if checkpoints.is_dir():
+        ckpt.remove_leftovers(checkpoints)
+    chosen = _chosen_checkpoint(config, checkpoints)
+    if chosen is None:
+        log("no checkpoint yet: starting from step 0")
+        return fresh
+    weights, opt_state, rng, saved = ckpt.load_checkpoint(chosen)
     methods.load_trainable_state(model, weights)
     try:
         optim.optimizer.load_state_dict(opt_state)
     except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
-        raise UserError(f"the optimizer state in {latest} does not fit this run ({e}); resume with the original "
+        raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
                         f"--weight-decay or start a new run") from None
     optim.scheduler.load_state_dict(saved["scheduler"])
     ckpt.set_rng_state(rng)
-    log(f"resuming from {latest.name}: step {saved['step']} of {optim.total_steps}")
-    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"]))
+    which = "as given" if config.resume_from else "the newest complete checkpoint"
+    log(f"resuming from {chosen} ({which}): step {saved['step']} of {optim.total_steps}")
+    if checkpoints.is_dir():
+        dropped = ckpt.drop_after(checkpoints, saved["step"])
+        if dropped:
+            log(f"deleted the later checkpoints {', '.join(dropped)}: the resumed run writes them again")
+        ckpt.prune(checkpoints, config.keep_checkpoints)  # a kill may have come before the last save's deletions
+    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"]),
+                      seen_tokens=saved.get("tokens", 0), recent=saved.get("recent", []),
+                      skipped=saved.get("skipped_steps", 0), metrics_lines=saved.get("metrics_lines"),
+                      earlier_seconds=saved.get("elapsed_s", 0.0))
 
 
-def save_checkpoint(checkpoints: Path, state: TrainState, model, optim: Optimization) -> None:
+def _chosen_checkpoint(config: TrainConfig, checkpoints: Path) -> Path | None:
+    """``--resume PATH`` (a folder, or a checkpoint's name in this run), or the newest complete checkpoint."""
+    if not config.resume_from:
+        return ckpt.latest_checkpoint(checkpoints)
+    for path in (Path(config.resume_from), checkpoints / config.resume_from):
+        if path.is_dir():
+            return path
+    names = ", ".join(p.name for p in ckpt.complete_checkpoints(checkpoints)) if checkpoints.is_dir() else ""
+    raise UserError(f"--resume {config.resume_from}: no such checkpoint folder; this run's checkpoints: {names or 'none'}")
+
+
+def save_checkpoint(config: TrainConfig, checkpoints: Path, state: TrainState, model, optim: Optimization,
+                    metrics: MetricsLog) -> None:
+    check_finite_weights(model, state.step, checkpoints)
     position = {"step": state.step, "epoch": state.order.epoch, "next_micro": state.order.next_micro,
-                "scheduler": optim.scheduler.state_dict(), "total_steps": optim.total_steps}
-    ckpt.save_checkpoint(checkpoints, state.step, methods.trainable_state(model), optim.optimizer, position)
+                "scheduler": optim.scheduler.state_dict(), "total_steps": optim.total_steps,
+                "tokens": state.seen_tokens, "recent": state.recent, "skipped_steps": state.skipped,
+                "metrics_lines": metrics.lines, "elapsed_s": state.elapsed}
+    ckpt.save_checkpoint(checkpoints, state.step, methods.trainable_state(model), optim.optimizer, position,
+                         keep=config.keep_checkpoints)
+
+
+def check_finite_weights(model, step: int, checkpoints: Path) -> None:
+    """Nothing non-finite is ever saved (huge learning rates can overflow weights even from finite gradients)."""
+    for name, p in methods.trainable_state(model).items():
+        if not torch.isfinite(p).all():
+            raise NonFiniteStep(f"step {step}: weight {name} is no longer finite, not saved; {_divergence_advice(checkpoints)}")
+
+
+def _divergence_advice(checkpoints: Path) -> str:
+    latest = ckpt.latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    kept = f"the last good checkpoint {latest.name} is kept" if latest else "no checkpoint was saved before"
+    return (f"{kept}; training diverged: start again with a lower --lr (--overwrite), or pass --skip-nonfinite-steps "
+            f"to skip such steps")
 
 
 # --- training
@@ -396,21 +526,32 @@ def save_checkpoint(checkpoints: Path, state: TrainState, model, optim: Optimiza
 class MetricsLog:
     """``metrics.jsonl`` and, when tensorboard is installed, the same scalars under ``tensorboard/``.
 
-    One JSON record per line, flushed at once: a killed run keeps what it logged. Used as a context
-    manager, so both are closed however the run ends.
+    One JSON record per line, flushed at once: a killed run keeps what it logged. A resumed run first
+    cuts the file back to the ``keep_lines`` its checkpoint had seen (a killed run's later lines, and a
+    half-written last one, go: the re-run steps are logged once). Used as a context manager, so both
+    are closed however the run ends.
     """
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, keep_lines: int | None = 0) -> None:
         self.folder = folder
+        self.keep_lines = keep_lines
+        self.lines = 0  # lines in metrics.jsonl: what a checkpoint records
 
     def __enter__(self) -> MetricsLog:
+        path = self.folder / "metrics.jsonl"
+        kept = path.read_text().split("\n")[:-1] if path.exists() else []  # complete lines only
+        if self.keep_lines is not None and path.exists():
+            kept = kept[: self.keep_lines]
+            write_atomic(path, "".join(line + "\n" for line in kept))
+        self.lines = len(kept)
         self._tensorboard = _tensorboard(self.folder)
-        self._file = (self.folder / "metrics.jsonl").open("a")
+        self._file = path.open("a")
         return self
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        self.lines += 1
         if self._tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
@@ -430,6 +571,38 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder / "tensorboard"))
 
 
+class StopRequests:
+    """SIGINT / SIGTERM while training: the first asks the loop to stop after the current step (which it
+    saves as a checkpoint); a second exits at once (the newest complete checkpoint stays resumable).
+
+    Signal handlers live in the main thread: elsewhere (a thread running ``train``) this does nothing.
+    The handler writes its notice with ``os.write``: ``print`` could re-enter the stream it interrupted.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signum is not None:
+            os.write(2, f"\npeftlab: second {name}: stopped at once; --resume continues from the newest checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+        os.write(2, f"\npeftlab: {name}: stopping after this step with a checkpoint ({name} again stops at once)\n".encode())
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
 @dataclass
 class StepStats:
     """What one optimizer step measured (the metrics record of a logged step)."""
@@ -437,8 +610,12 @@ class StepStats:
     loss: float  # mean cross-entropy per completion token of the step
     completion_tokens: int
     tokens: int  # tokens the model read (seq2seq: encoder and decoder)
-    grad_norm: float | None  # before clipping; None without --max-grad-norm
+    grad_norm: float  # before clipping
     penalty: float | None  # the --regularize term
+
+    @property
+    def finite(self) -> bool:
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
 def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization, regularizer: Regularizer | None,
@@ -446,7 +623,9 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization,
     """One optimizer step over ``micro`` (``--grad-accum`` micro-batches), then one step of the schedule.
 
     Each micro-batch's summed loss is divided by the completion tokens of the whole step, so the
-    accumulated gradient is that of the mean over the step, as one big batch would give.
+    accumulated gradient is that of the mean over the step, as one big batch would give. A step
+    whose loss or gradient norm is not finite leaves the weights and optimizer moments as they
+    were (its gradients are dropped); the caller decides whether the run goes on.
     """
     optim.optimizer.zero_grad(set_to_none=True)
     n_tokens = sum(target_count(b["labels"], is_seq2seq) for b in micro)
@@ -460,43 +639,73 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization,
     if regularizer is not None:  # once per step: the same as adding it to the step's loss
         penalty = regularizer.penalty(model)
         penalty.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(optim.params, max_grad_norm) if max_grad_norm else None
-    optim.optimizer.step()
-    optim.scheduler.step()
-    return StepStats(loss_sum / max(n_tokens, 1), n_tokens, tokens, float(grad_norm) if grad_norm is not None else None,
-                     penalty.item() if penalty is not None else None)
+    grads = [p.grad for p in optim.params if p.grad is not None]
+    grad_norm = (torch.nn.utils.clip_grad_norm_(optim.params, max_grad_norm) if max_grad_norm
+                 else torch.nn.utils.get_total_norm(grads))
+    stats = StepStats(loss_sum / max(n_tokens, 1), n_tokens, tokens, float(grad_norm),
+                      penalty.item() if penalty is not None else None)
+    if stats.finite:
+        optim.optimizer.step()
+    else:
+        optim.optimizer.zero_grad(set_to_none=True)
+    optim.scheduler.step()  # a skipped step still counts: the schedule stays a function of the step
+    return stats
 
 
 def train_loop(config: TrainConfig, state: TrainState, model, batches: Batches, optim: Optimization,
-               regularizer: Regularizer | None, checkpoints: Path, metrics: MetricsLog, progress: ProgressFactory) -> None:
-    """Optimizer steps until ``total_steps``; metrics every ``--log-every``, a validation loss every
-    ``--eval-every`` and a checkpoint every ``--save-every`` steps (the last step's are ``finish``'s)."""
+               regularizer: Regularizer | None, checkpoints: Path, metrics: MetricsLog, progress: ProgressFactory,
+               stop: StopRequests) -> None:
+    """Optimizer steps until ``total_steps`` or a stop request; metrics every ``--log-every``, a validation
+    loss every ``--eval-every`` (the last step's is the caller's), a checkpoint every ``--save-every``
+    steps, at the last step and at a stop request."""
     bar = progress("training", optim.total_steps, "step")
     bar.update(state.step)
-    model.train()
-    state.start = time.perf_counter()
-    while state.step < optim.total_steps:
-        micro = [batches.collate([batches.train[j] for j in state.order.take()]) for _ in range(config.grad_accum)]
-        stats = train_step(model, micro, optim, regularizer, config.max_grad_norm, batches.is_seq2seq)
-        state.step += 1
-        state.seen_tokens += stats.tokens
+    try:
+        model.train()
+        state.start = time.perf_counter()
+        while state.step < optim.total_steps:
+            micro = [batches.collate([batches.train[j] for j in state.order.take()]) for _ in range(config.grad_accum)]
+            stats = train_step(model, micro, optim, regularizer, config.max_grad_norm, batches.is_seq2seq)
+            count_step(config, state, stats, checkpoints)
+            last = state.step == optim.total_steps
+            if state.step % config.log_every == 0 or last:
+                metrics.write(step_record(state, stats, optim))
+            if config.eval_every and state.step % config.eval_every == 0 and not last:
+                metrics.write({"step": state.step, "eval_loss": batches.validation_loss(model, config.batch_size)})
+            bar.update(1, loss=f"{stats.loss:.4f}", tok_per_s=f"{state.seen_tokens / state.elapsed:.0f}")
+            if (config.save_every and state.step % config.save_every == 0) or last or stop.signum is not None:
+                save_checkpoint(config, checkpoints, state, model, optim, metrics)
+            if stop.signum is not None:
+                break
+    finally:  # closed before an error's message, which must be the last line
+        bar.close()
+
+
+def count_step(config: TrainConfig, state: TrainState, stats: StepStats, checkpoints: Path) -> None:
+    """Advance the state by one step; a non-finite one stops the run, or with ``--skip-nonfinite-steps`` is counted."""
+    state.step += 1
+    state.seen_tokens += stats.tokens
+    if stats.finite:
         state.recent = (state.recent + [stats.loss])[-10:]
-        last = state.step == optim.total_steps
-        elapsed = state.elapsed
-        if state.step % config.log_every == 0 or last:
-            metrics.write({
-                "step": state.step, "epoch": state.order.epochs_done, "loss": stats.loss,
-                "lr": optim.scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm,
-                "completion_tokens": stats.completion_tokens, "tokens": stats.tokens,
-                "tokens_per_sec": state.seen_tokens / elapsed, "elapsed_s": elapsed,
-                **({"penalty": stats.penalty} if stats.penalty is not None else {}),
-            })
-        if config.eval_every and state.step % config.eval_every == 0 and not last:
-            metrics.write({"step": state.step, "eval_loss": batches.validation_loss(model, config.batch_size)})
-        if config.save_every and state.step % config.save_every == 0 and not last:
-            save_checkpoint(checkpoints, state, model, optim)
-        bar.update(1, loss=f"{stats.loss:.4f}", tok_per_s=f"{state.seen_tokens / elapsed:.0f}")
-    bar.close()
+        return
+    if not config.skip_nonfinite_steps:
+        raise NonFiniteStep(f"step {state.step}: the loss is {stats.loss} and the gradient norm {stats.grad_norm} at "
+                            f"--lr {config.learning_rate:g}, so the run stopped without applying it; "
+                            f"{_divergence_advice(checkpoints)}")
+    state.skipped += 1
+
+
+def step_record(state: TrainState, stats: StepStats, optim: Optimization) -> dict:
+    """The metrics.jsonl record of a logged step."""
+    elapsed = state.elapsed
+    return {
+        "step": state.step, "epoch": state.order.epochs_done, "loss": stats.loss,
+        "lr": optim.scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm,
+        "completion_tokens": stats.completion_tokens, "tokens": stats.tokens,
+        "tokens_per_sec": state.seen_tokens / elapsed, "elapsed_s": elapsed,
+        **({"penalty": stats.penalty} if stats.penalty is not None else {}),
+        **({} if stats.finite else {"skipped": True}),
+    }
 
 
 # --- run.json and the final model
@@ -513,20 +722,28 @@ def run_info(config: TrainConfig, setup: ModelSetup, examples: Examples, batches
         "parameters": methods.report_dict(setup.report),
         "data": {**examples.info, "train_used": len(batches.train), "chat_template": chat},
         "total_steps": steps,
+        "versions": versions(),
     }
 
 
-def finish(config: TrainConfig, work: Path, state: TrainState, setup: ModelSetup, optim: Optimization, info: dict,
+def finish(config: TrainConfig, work: Path, state: TrainState, setup: ModelSetup, info: dict,
            eval_loss: float | None) -> TrainResult:
-    """The last checkpoint, the final model (or adapter) in ``final/``, and ``run.json`` with the result."""
-    save_checkpoint(work / "checkpoints", state, setup.model, optim)
-    setup.method.save_final(setup.model, setup.tokenizer, work / "final", setup.loaded, config)
+    """The final model (or adapter) in ``final/``, whole or not at all, and ``run.json`` with the result."""
+    check_finite_weights(setup.model, state.step, work / "checkpoints")
+    staging = work / ".final.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    setup.method.save_final(setup.model, setup.tokenizer, staging, setup.loaded, config)
+    fsync_tree(staging)
+    if (work / "final").exists():  # a resumed run whose kill came after final/ but before run.json said finished
+        shutil.rmtree(work / "final")
+    os.replace(staging, work / "final")
+    fsync(work)
     seconds = state.elapsed
     train_loss = sum(state.recent) / len(state.recent) if state.recent else None
     tokens_per_second = state.seen_tokens / seconds if seconds else 0.0
     info.update(status="finished", result={"steps": state.step, "train_loss": train_loss, "eval_loss": eval_loss,
                                            "seconds": seconds, "tokens_per_second": tokens_per_second,
-                                           "peak_memory": peak_memory(setup.device)})
+                                           "skipped_steps": state.skipped, "peak_memory": peak_memory(setup.device)})
     write_json(work / RUN_MARKER, info)
     return TrainResult(work, work / "final", state.step, train_loss, eval_loss, seconds, tokens_per_second,
                        methods.report_dict(setup.report))
