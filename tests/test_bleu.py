@@ -11,6 +11,7 @@ from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
 
 from peftlab.errors import UserError
 from peftlab.eval.bleu import corpus_bleu, sentence_bleu
+from peftlab.eval.score import score
 
 REFERENCE = "I am very happy to say that I am drinking a warm cup of tea."
 
@@ -72,6 +73,14 @@ def test_corpus_bleu_equals_sacrebleu():
     metric.corpus_score(predictions, [references])
     assert signature == str(metric.get_signature())
     assert "nrefs:1" in signature and "tok:13a" in signature and f"version:{sacrebleu.__version__}" in signature
+
+
+def test_perfect_match_is_exactly_one():
+    """sacrebleu's exp(log 100) gives 100.00000000000004 for a perfect match; on the 0-1 scale that is 1."""
+    for text in ["the cat sat on the mat", "a b c d e"]:
+        assert sacrebleu.corpus_bleu([text], [[text]]).score / 100 > 1
+        assert corpus_bleu([text], [text])[0] == 1.0
+        assert score([text], [text]).aggregate["bleu"] == 1.0
 
 
 def test_corpus_bleu_errors():

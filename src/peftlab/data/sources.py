@@ -27,6 +27,7 @@ import csv
 import difflib
 import io
 import json
+import re
 from pathlib import Path
 
 from peftlab.data.demo import DEMO_SOURCES
@@ -67,20 +68,47 @@ def _load_file(path: Path) -> list[dict]:
     return loaders[suffix](path)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path, newline: str | None = None) -> str:
     try:
-        return path.read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+        with path.open(encoding="utf-8-sig", newline=newline) as f:  # -sig: tolerate a byte-order mark
+            return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
 
 
+_CSV_FIELD_LIMIT = 2**31 - 1  # the largest the csv module takes on every platform
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \uD800-\uDFFF: half of a UTF-16 pair
+
+
+def _parse_json(text: str, where: str):
+    """``json.loads``, with what it cannot hold as a UserError naming ``where`` (syntax errors are the caller's)."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise UserError(f"{where}: JSON nested too deeply (thousands of lists or objects inside each other); flatten it") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as e:  # Python's limit on the digits of an int
+        raise UserError(f"{where}: a number too long to read ({_first_line(e).split(':')[0]}); write it as a string") from None
+    if _SURROGATE_ESCAPE.search(text):  # one outside a pair gives a lone surrogate, which is not text
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(
+                f"{where}: the escape {ascii(e.object[e.start : e.end])[1:-1]} is half of a UTF-16 surrogate pair "
+                "(a cut emoji?); fix or remove that text"
+            ) from None
+    return data
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also cut at U+2028, U+0085 ..., which JSON strings may hold raw.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = _parse_json(line, f"{path}, line {number}")
         except json.JSONDecodeError as e:
             raise UserError(
                 f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); "
@@ -97,7 +125,7 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(_read_text(path))
+        data = _parse_json(_read_text(path), str(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(data, dict):
@@ -117,17 +145,24 @@ def _read_json(path: Path) -> list[dict]:
 
 
 def _read_csv(path: Path) -> list[dict]:
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))  # restkey None: values past the header
-    if reader.fieldnames is None:
-        return []
+    # newline="": a quoted value keeps its "\r" and "\r\n" (the csv module's rule for the files it reads)
+    reader = csv.DictReader(io.StringIO(_read_text(path, newline=""), newline=""))  # restkey None: values past the header
     records = []
-    for row in reader:
-        if None in row:
-            raise UserError(
-                f"{path}, line {reader.line_num}: more values than the {len(reader.fieldnames)} header columns; "
-                "quote values that contain commas"
-            )
-        records.append(row)
+    limit = csv.field_size_limit(_CSV_FIELD_LIMIT)  # a long dialogue is one value: no 128 KiB cap
+    try:
+        if reader.fieldnames is None:
+            return []
+        for row in reader:
+            if None in row:
+                raise UserError(
+                    f"{path}, line {reader.line_num}: more values than the {len(reader.fieldnames)} header columns; "
+                    "quote values that contain commas"
+                )
+            records.append(row)
+    except csv.Error as e:
+        raise UserError(f"{path}, line {reader.line_num}: not valid CSV ({_first_line(e)}); check its quoting") from None
+    finally:
+        csv.field_size_limit(limit)
     return records
 
 

@@ -27,9 +27,9 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
         values = []
     if len(values) != 3:
         raise UserError(
-            f"--split-fractions '{text}': give three comma-separated fractions train,validation,test, e.g. 0.8,0.1,0.1"
+            f"--split-fractions {text!r}: give three comma-separated fractions train,validation,test, e.g. 0.8,0.1,0.1"
         )
-    return _check(values, f"--split-fractions '{text}'")
+    return _check(values, f"--split-fractions {text!r}")
 
 
 def split_records(

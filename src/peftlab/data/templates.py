@@ -101,7 +101,11 @@ def load_templates(path: str | Path) -> TaskTemplates:
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"template file not found: {path}; give a YAML file like peftlab/data/templates/dialogsum.yaml")
-    return _parse(path.read_text(encoding="utf-8"), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); re-save it as UTF-8") from None
+    return _parse(text, str(path))
 
 
 def resolve_templates(name_or_file: str | None, records: list[dict]) -> TaskTemplates:
@@ -153,6 +157,8 @@ def _parse(text: str, source: str) -> TaskTemplates:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise UserError(f"{source}: not valid YAML ({problem}{where})") from None
+    except RecursionError:
+        raise UserError(f"{source}: YAML nested too deeply (thousands of lists or mappings inside each other)") from None
     if not isinstance(data, dict):
         raise UserError(f"{source}: expected a YAML mapping with keys {', '.join(_REQUIRED_KEYS)}")
     missing = [k for k in _REQUIRED_KEYS if k not in data]
@@ -161,7 +167,7 @@ def _parse(text: str, source: str) -> TaskTemplates:
     unknown = [k for k in data if k not in _REQUIRED_KEYS + _OPTIONAL_KEYS]
     if unknown:
         raise UserError(
-            f"{source}: unknown key(s) {', '.join(map(str, unknown))}; "
+            f"{source}: unknown key(s) {', '.join(map(_shown, unknown))}; "
             f"allowed: {', '.join(_REQUIRED_KEYS + _OPTIONAL_KEYS)}"
         )
     raw = data["templates"]
@@ -172,6 +178,8 @@ def _parse(text: str, source: str) -> TaskTemplates:
         if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("name", "input", "target")):
             raise UserError(f"{source}: templates[{i}] needs string keys name, input and target")
         template = Template(item["name"], item["input"], item["target"])
+        if not template.name.isprintable():
+            raise UserError(f"{source}: templates[{i}] name '{_shown(template.name)}' must be printable text on one line")
         for part in ("input", "target"):
             try:
                 _compile(getattr(template, part))
@@ -179,6 +187,9 @@ def _parse(text: str, source: str) -> TaskTemplates:
                 raise UserError(
                     f"{source}: template '{template.name}' {part}: Jinja2 syntax error ({e.message}, line {e.lineno})"
                 ) from None
+            except (ValueError, RecursionError) as e:  # Python's own limits, met while compiling
+                too_big = "expressions nested too deeply" if isinstance(e, RecursionError) else "a number over 4300 digits"
+                raise UserError(f"{source}: template '{template.name}' {part} holds {too_big}; simplify it") from None
             if next(_ENV.parse(getattr(template, part)).find_all(_FILE_TAGS), None) is not None:
                 raise UserError(
                     f"{source}: template '{template.name}' {part}: templates cannot include, import or extend other "
@@ -192,6 +203,9 @@ def _parse(text: str, source: str) -> TaskTemplates:
     choices = data.get("answer_choices")
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise UserError(f"{source}: 'fields' must be a list of record field names")
+    unprintable = [name for name in [str(data["task"]), *fields] if not name.isprintable()]
+    if unprintable:
+        raise UserError(f"{source}: task and field names must be printable text on one line, not '{_shown(unprintable[0])}'")
     if choices is not None and (not isinstance(choices, list) or not all(isinstance(c, str) for c in choices)):
         raise UserError(f"{source}: 'answer_choices' must be a list of strings")
     return TaskTemplates(
@@ -266,8 +280,14 @@ def _of(task: TaskTemplates | None) -> str:
 
 
 def _fields(record: dict) -> str:
-    names = [str(k) for k in record if not str(k).startswith("_")]  # not bookkeeping keys like _index
+    names = [_shown(k) for k in record if not str(k).startswith("_")]  # not bookkeeping keys like _index
     return ", ".join(names) or "no fields"
+
+
+def _shown(name) -> str:
+    """A name from the data as it can stand in a one-line message: line breaks and other unprintables escaped."""
+    text = str(name)
+    return text if text.isprintable() else repr(text)[1:-1]
 
 
 def _needs(builtins: dict[str, TaskTemplates]) -> str:
@@ -373,6 +393,8 @@ def example_record(record: str | dict | None = None, data: str | None = None, in
             record = json.loads(record)
         except json.JSONDecodeError as e:
             raise UserError(f"the record is not valid JSON ({e.msg} at column {e.colno}); give an object like '{{\"text\": \"...\"}}'") from None
+        except (ValueError, RecursionError):  # past Python's limits: an int over 4300 digits, nesting too deep
+            raise UserError("the record holds a number or nesting too large for Python to read; shorten it") from None
     if not isinstance(record, dict):
         raise UserError(f"the record must be a JSON object like {{\"text\": \"...\"}}, not a {type(record).__name__}")
     return record

@@ -4,7 +4,8 @@
     p_n  = clipped n-gram matches / n-grams in the prediction   (clip: min(count_pred, count_ref))
     BP   = 1 if c > r else exp(1 - r / c)                        (c, r: prediction, reference lengths)
 
-:func:`corpus_bleu` is sacrebleu's (13a tokenizer, exponential smoothing), the number to report.
+:func:`corpus_bleu` is sacrebleu's (13a tokenizer, exponential smoothing) divided by 100, the number
+to report.
 :func:`sentence_bleu` is the unsmoothed per-example form, on whitespace tokens, that the course
 notes use: one zero precision makes the whole score 0.
 """
@@ -29,7 +30,8 @@ def corpus_bleu(predictions: list[str], references: list[str]) -> tuple[float, s
         raise UserError("no predictions to score: give at least one prediction and reference")
     bleu = BLEU()
     result = bleu.corpus_score(list(predictions), [list(references)])
-    return result.score / 100, str(bleu.get_signature())
+    # sacrebleu's exp(log 100) is 100.00000000000004 for a perfect match: clip that rounding into [0, 1]
+    return min(result.score / 100, 1.0), str(bleu.get_signature())
 
 
 def sentence_bleu(prediction: str, reference: str, max_order: int = 4) -> float:
