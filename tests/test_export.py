@@ -17,7 +17,7 @@ from helpers import expect_error, write_dialogues
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peftlab.cli import main
-from peftlab.export import permute_rotary
+from peftlab.gguf_export import permute_rotary
 from peftlab.models import load_for_inference, load_model
 from peftlab.peft import (
     BottleneckConfig,

@@ -27,7 +27,7 @@ def test_lora_train_eval_merge(method, extra, tiny_model_dir, tmp_path, capsys):
     trace = losses(run)
     assert trace[-1] < trace[0]
     final = run / "final"
-    assert {p.name for p in final.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in final.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
     config = json.loads((final / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["use_dora"] == (method == "dora")
     assert config["use_rslora"] == ("--rslora" in extra)

@@ -127,7 +127,7 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
 
 def export(config: ExportConfig | None = None, *, progress: ProgressFactory = silent, **options):
     """Merge an adapter into a Llama-architecture model and write a GGUF file for llama.cpp / Ollama (``peftlab export``)."""
-    from peftlab.export import export_gguf
+    from peftlab.gguf_export import export_gguf
 
     config = _config(ExportConfig, config, options)
     return export_gguf(config.model, config.out, config.adapter, config.type, trust_pickle=config.trust_pickle,

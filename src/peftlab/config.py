@@ -26,6 +26,7 @@ import yaml
 
 from peftlab import method_table
 from peftlab.errors import UserError
+from peftlab.tracking import parse_report_to
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, positional: bool = False,
@@ -46,6 +47,11 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # ----------------------------------------------------------------------------------------------
 # Options several commands take: declared once (a command may say more in its own help text)
+
+
+def report_to_option() -> Any:
+    return option(None, "Experiment trackers that also receive the metrics: tensorboard, mlflow, or both comma-separated "
+                        "(default: none; needs pip install 'peftlab[tracking]').")
 
 
 def dtype_option(help: str = "Model weights dtype.") -> str:
@@ -144,6 +150,10 @@ class TrainConfig:
     save_every: int = option(0, "Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = option(2, "Keep the newest K checkpoints; older ones are deleted once a newer one is complete.")
     log_every: int = option(1, "Write training metrics every N steps.")
+    report_to: str | None = report_to_option()
+    tracking_dir: str | None = option(None, "Where MLflow keeps its local store when MLFLOW_TRACKING_URI is not set (default: --out).")
+    experiment: str | None = option(None, "MLflow experiment name (default: the name of the --out or --tracking-dir folder).")
+    run_name: str | None = option(None, "The run's name in the trackers (default: the name of the --out folder).")
     seed: int = option(42, "Seed of initialisation, data order and dropout.")
     dtype: str = dtype_option()
     device: str = device_option()
@@ -193,6 +203,7 @@ class TrainConfig:
             self.prompt_init = "text"  # giving the text is asking for it
         if self.resume_from:
             self.resume = True
+        parse_report_to(self.report_to)  # an unknown tracker or a missing package fails now, before anything loads
         for name, value in dataclasses.asdict(self).items():  # float('nan'), 'inf', 1e309 parse as floats
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"--{flag(name)} must be a finite number, got {value}")
@@ -347,6 +358,7 @@ class ExperimentConfig:
     max_length: int = option(512, "Maximum tokens of a training example / prompt.")
     eval_batch_size: int = option(8, "Prompts generated together.")
     latency_examples: int = option(8, "Prompts timed with the adapter unmerged and merged (0: skip).")
+    report_to: str | None = report_to_option()
     dtype: str = dtype_option()
     device: str = device_option()
 
@@ -355,6 +367,7 @@ class ExperimentConfig:
         _positive(self, "train_limit", "test_limit", "epochs", "max_steps", "batch_size", "grad_accum", "lr",
                   "max_new_tokens", "max_length", "eval_batch_size")
         _positive(self, "latency_examples", allow_zero=True)
+        parse_report_to(self.report_to)
 
 
 @dataclass

@@ -38,9 +38,14 @@ def fsync_tree(folder: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    write_bytes_atomic(path, text.encode())
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``write_atomic`` for bytes (a plot, say)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_bytes(data)
     fsync(tmp)
     os.replace(tmp, path)
     fsync(path.parent)

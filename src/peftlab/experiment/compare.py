@@ -36,6 +36,7 @@ from peftlab.config import CompareConfig, SweepConfig, TrainConfig, to_dict
 from peftlab.errors import UserError
 from peftlab.experiment.report import read_saved
 from peftlab.outputs import check_output_path, write_atomic
+from peftlab.tracking import Trackers, parse_report_to
 
 EVAL_ONLY = ("base", "fewshot")
 # Settings that must agree for finished variants to be reused by a rerun.
@@ -132,7 +133,8 @@ def _write_recipe(path: Path, options: dict) -> Path:
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the weights and configs (the model card, README.md, is not part of the model)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name != "README.md")
 
 
 def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], None]) -> dict:
@@ -154,6 +156,10 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
                         grad_accum=config.grad_accum, lr=config.lr, seed=config.seed, max_length=config.max_length,
                         eval_limit=config.test_limit, dtype=config.dtype, device=config.device),
                  **parse_options(config.train_options), **variant.train}
+        if config.report_to:  # every variant a run of one experiment, stored in the compare folder
+            out = Path(config.out)
+            train.update(report_to=config.report_to, tracking_dir=str(out), experiment=out.resolve().name,
+                         run_name=variant.label)
         run = folder / "run"
         resume = (run / "run.json").is_file() and json.loads((run / "run.json").read_text()).get("status") != "finished"
         finished = (run / "run.json").is_file() and not resume
@@ -181,14 +187,41 @@ def run_variant(variant: Variant, config, folder: Path, log: Callable[[str], Non
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     gen = metrics["generation"]
     result.update({k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
+    scores = {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")}
     if variant.method not in EVAL_ONLY:  # the trained model's card gains its evaluation
         from peftlab.model_card import update_model_card_results
 
-        update_model_card_results(folder / "run" / "final", {k: metrics[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu")})
+        update_model_card_results(folder / "run" / "final", scores)
+    _track_evaluation(config, variant, folder, scores)
     result.update(eval_latency_s=gen["latency_per_example_s"], eval_tokens_per_second=gen["tokens_per_second"],
                   eval_peak_memory=metrics["peak_memory"], prompt_tokens=gen["mean_prompt_tokens"],
                   fewshot_dropped=metrics["fewshot"]["dropped_examples"], num_examples=metrics["num_examples"])
     return result
+
+
+def _track_evaluation(config, variant: Variant, folder: Path, scores: dict) -> None:
+    """The test scores into the variant's tracked run (an evaluation-only variant gets a run of its own)."""
+    names = parse_report_to(config.report_to)
+    if not names:
+        return
+    out, info = Path(config.out), {}
+    if (folder / "run" / "run.json").is_file():
+        info = json.loads((folder / "run" / "run.json").read_text())
+    run_id = (info.get("tracking") or {}).get("mlflow_run_id")
+    params = {} if run_id else {"method": variant.method, "label": variant.label, "model": config.model}
+    with Trackers.open(names, folder / "run" if info else folder, params, run_name=variant.label, store_dir=out,
+                       experiment=out.resolve().name, mlflow_run_id=run_id) as trackers:
+        trackers.log_metrics(scores, (info.get("result") or {}).get("steps", 0))
+
+
+def _track_report(config, out: Path) -> None:
+    """report.md, report.html and the report's plots as artifacts of a ``report`` run of the experiment (MLflow)."""
+    names = tuple(n for n in parse_report_to(config.report_to) if n == "mlflow")
+    if not names:
+        return
+    with Trackers.open(names, out, to_dict(config), run_name="report", store_dir=out, experiment=out.resolve().name) as trackers:
+        for path in [out / "report.md", out / "report.html", *sorted((out / "plots").glob("*.png"))]:
+            trackers.log_artifact(path)
 
 
 def _merged_latency(config, folder: Path, adapter: Path, common_eval: dict, log) -> dict:
@@ -255,7 +288,9 @@ def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant],
     write_atomic(out / "results.json", json.dumps({"kind": type(config).__name__, "rows": rows}, indent=2))
     from peftlab.experiment.report import write_report
 
-    return ExperimentResult(out, rows, skipped, write_report(out))
+    report = write_report(out)
+    _track_report(config, out)
+    return ExperimentResult(out, rows, skipped, report)
 
 
 def compare(config: CompareConfig, log: Callable[[str], None] = lambda _: None) -> ExperimentResult:

@@ -16,10 +16,11 @@ import base64
 import html
 import io
 import json
+import re
 from pathlib import Path
 
 from peftlab.errors import UserError
-from peftlab.outputs import write_atomic
+from peftlab.outputs import write_atomic, write_bytes_atomic
 
 ROUGE = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 TRADEOFF_LEGEND = ("Peak train memory: process RSS on CPU, CUDA max allocated on GPU. Latency s/example and gen "
@@ -246,6 +247,10 @@ def write_report(run_dir: str | Path) -> Path:
     write_atomic(run_dir / "report.md", "\n".join(md))
 
     figures = plots(kind, rows)
+    (run_dir / "plots").mkdir(exist_ok=True)
+    for name, data in figures.items():  # also as files: trackers take them as artifacts, people open them
+        slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+        write_bytes_atomic(run_dir / "plots" / f"{slug}.png", base64.b64decode(data))
 
     def html_table(headers, body) -> str:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)

@@ -59,11 +59,20 @@ from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_temp
 from peftlab.data.pipeline import Example, prepare, prepare_mixture
 from peftlab.errors import UserError
 from peftlab.memory import peak_memory
+from peftlab.model_card import write_model_card
 from peftlab.models import LoadedModel, load_model
-from peftlab.outputs import RUN_MARKER, RunFolder, fsync, fsync_tree, write_atomic, write_json
+from peftlab.outputs import (
+    RUN_MARKER,
+    RunFolder,
+    fsync,
+    fsync_tree,
+    write_atomic,
+    write_json,
+)
 from peftlab.peft import virtual_token_count
 from peftlab.peft.core import ParameterReport
 from peftlab.progress import ProgressFactory, silent
+from peftlab.tracking import Trackers, parse_report_to
 from peftlab.training import checkpoint as ckpt
 from peftlab.training import methods
 from peftlab.training.loss import completion_loss, target_count
@@ -72,7 +81,7 @@ from peftlab.training.regularize import Regularizer, make_regularizer
 # The settings ``--resume`` may change: they do not change the trained weights. Every other one would
 # (learning rate, schedule, steps, data, method options ...): resuming with it changed is refused.
 _RESUME_FREE = ("out", "resume", "resume_from", "overwrite", "device", "log_every", "eval_every", "eval_limit",
-                "save_every", "keep_checkpoints", "skip_nonfinite_steps")
+                "save_every", "keep_checkpoints", "skip_nonfinite_steps", "report_to", "tracking_dir", "experiment", "run_name")
 
 
 @dataclass
@@ -214,16 +223,32 @@ def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: 
     optim = build_optimizer(config, setup.model, total_steps(config, len(batches.train)))
     state = restore(config, run.work / "checkpoints", setup.model, optim, len(batches.train), log)
     info = run_info(config, setup, examples, batches, encode.chat, optim.total_steps)
-    write_json(run.work / RUN_MARKER, info)
-    with MetricsLog(run.work, keep_lines=state.metrics_lines) as metrics, StopRequests() as stop:
-        train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics, progress,
-                   stop)
-        if stop.signum is not None:
-            raise _interrupted(run, state, optim, stop.signum)
-        eval_loss = batches.validation_loss(setup.model, config.batch_size)
-        if eval_loss is not None:
-            metrics.write({"step": state.step, "eval_loss": eval_loss})
-    return finish(config, run.work, state, setup, info, eval_loss)
+    with open_trackers(config, run) as trackers:
+        info["tracking"] = {"report_to": list(parse_report_to(config.report_to)), "mlflow_run_id": trackers.mlflow_run_id}
+        write_json(run.work / RUN_MARKER, info)
+        with MetricsLog(run.work, keep_lines=state.metrics_lines, trackers=trackers) as metrics, StopRequests() as stop:
+            train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics,
+                       progress, stop)
+            if stop.signum is not None:
+                raise _interrupted(run, state, optim, stop.signum)
+            eval_loss = batches.validation_loss(setup.model, config.batch_size)
+            if eval_loss is not None:
+                metrics.write({"step": state.step, "eval_loss": eval_loss})
+        result = finish(config, run.work, state, setup, info, eval_loss)
+        trackers.log_metrics({f"final/{k}": v for k, v in info["result"].items() if k != "peak_memory"}, state.step)
+    return result
+
+
+def open_trackers(config: TrainConfig, run: RunFolder) -> Trackers:
+    """The trackers of ``--report-to``; a resumed run continues its MLflow run."""
+    previous = run.work / RUN_MARKER
+    run_id = None
+    if config.resume and previous.is_file():
+        run_id = (json.loads(previous.read_text()).get("tracking") or {}).get("mlflow_run_id")
+    store = Path(config.tracking_dir) if config.tracking_dir else run.work
+    return Trackers.open(parse_report_to(config.report_to), run.work, to_dict(config), run_name=config.run_name or run.final.name,
+                         store_dir=store, experiment=config.experiment or Path(config.tracking_dir or config.out).resolve().name,
+                         mlflow_run_id=run_id)
 
 
 def _interrupted(run: RunFolder, state: TrainState, optim: Optimization, signum: int) -> Interrupted:
@@ -524,17 +549,18 @@ def _divergence_advice(checkpoints: Path) -> str:
 
 
 class MetricsLog:
-    """``metrics.jsonl`` and, when tensorboard is installed, the same scalars under ``tensorboard/``.
+    """``metrics.jsonl``, and the same records to the ``--report-to`` trackers (TensorBoard, MLflow).
 
     One JSON record per line, flushed at once: a killed run keeps what it logged. A resumed run first
     cuts the file back to the ``keep_lines`` its checkpoint had seen (a killed run's later lines, and a
-    half-written last one, go: the re-run steps are logged once). Used as a context manager, so both
-    are closed however the run ends.
+    half-written last one, go: the re-run steps are logged once). Used as a context manager, so the
+    file is closed however the run ends.
     """
 
-    def __init__(self, folder: Path, keep_lines: int | None = 0) -> None:
+    def __init__(self, folder: Path, keep_lines: int | None = 0, trackers: Trackers | None = None) -> None:
         self.folder = folder
         self.keep_lines = keep_lines
+        self.trackers = trackers or Trackers([])
         self.lines = 0  # lines in metrics.jsonl: what a checkpoint records
 
     def __enter__(self) -> MetricsLog:
@@ -544,7 +570,6 @@ class MetricsLog:
             kept = kept[: self.keep_lines]
             write_atomic(path, "".join(line + "\n" for line in kept))
         self.lines = len(kept)
-        self._tensorboard = _tensorboard(self.folder)
         self._file = path.open("a")
         return self
 
@@ -552,23 +577,10 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.lines += 1
-        if self._tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(key, value, record["step"])
+        self.trackers.log_metrics(record, record["step"])
 
     def __exit__(self, *exc) -> None:
         self._file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-
-
-def _tensorboard(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard not installed: metrics.jsonl only
-        return None
-    return SummaryWriter(str(folder / "tensorboard"))
 
 
 class StopRequests:
@@ -733,17 +745,18 @@ def finish(config: TrainConfig, work: Path, state: TrainState, setup: ModelSetup
     staging = work / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     setup.method.save_final(setup.model, setup.tokenizer, staging, setup.loaded, config)
-    fsync_tree(staging)
-    if (work / "final").exists():  # a resumed run whose kill came after final/ but before run.json said finished
-        shutil.rmtree(work / "final")
-    os.replace(staging, work / "final")
-    fsync(work)
     seconds = state.elapsed
     train_loss = sum(state.recent) / len(state.recent) if state.recent else None
     tokens_per_second = state.seen_tokens / seconds if seconds else 0.0
     info.update(status="finished", result={"steps": state.step, "train_loss": train_loss, "eval_loss": eval_loss,
                                            "seconds": seconds, "tokens_per_second": tokens_per_second,
                                            "skipped_steps": state.skipped, "peak_memory": peak_memory(setup.device)})
+    write_model_card(staging, info)  # README.md: the Hugging Face model card of what final/ holds
+    fsync_tree(staging)
+    if (work / "final").exists():  # a resumed run whose kill came after final/ but before run.json said finished
+        shutil.rmtree(work / "final")
+    os.replace(staging, work / "final")
+    fsync(work)
     write_json(work / RUN_MARKER, info)
     return TrainResult(work, work / "final", state.step, train_loss, eval_loss, seconds, tokens_per_second,
                        methods.report_dict(setup.report))
