@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -96,6 +97,8 @@ class MLflowTracker:
                  run_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # their INFO lines (creating the database tables) would interleave our output
+            logging.getLogger(name).setLevel(logging.WARNING)
         uri, artifacts = mlflow_store(store_dir)
         self.client = MlflowClient(uri)
         if run_id is None:
