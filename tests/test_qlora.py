@@ -224,3 +224,76 @@ def test_parameter_report_counts_the_4bit_weights_as_peft_does(tiny_llama_dir):
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     report = parameter_report(model)
     assert report.trainable == lora and report.total == before + lora
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantising as the weights load (peftlab.peft.nf4_loading)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_quantised_loading_equals_quantising_after(tiny_model_dir, compute_dtype):
+    """load_model(quantize="nf4") reads one layer at a time yet gives quantize_model(load_model(...)) bit for bit."""
+    streamed = load_model(str(tiny_model_dir), quantize="nf4", compute_dtype=compute_dtype).model
+    after = quantize_model(load_model(str(tiny_model_dir)).model, compute_dtype)
+    assert set(nf4_layers(streamed)) == set(nf4_layers(after)) and nf4_layers(streamed)
+    ours, ref = streamed.state_dict(), after.state_dict()
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert ours[key].dtype == ref[key].dtype and torch.equal(ours[key], ref[key]), key
+    # non-persistent buffers (rotary frequencies, ...) are computed, not left on the meta device
+    assert all(b.device.type == "cpu" for b in streamed.buffers())
+    torch.testing.assert_close(logits(streamed), logits(after), rtol=0, atol=0)
+
+
+def test_quantised_loading_ties_the_head(tmp_path):
+    """A tied output head is not in the checkpoint: it is tied to the loaded embeddings, never left on meta."""
+    from tiny import build_llama, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_llama(tokenizer)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    streamed = load_model(str(tmp_path), quantize="nf4", compute_dtype="float32").model
+    assert streamed.get_output_embeddings().weight is streamed.get_input_embeddings().weight
+    after = quantize_model(load_model(str(tmp_path)).model, "float32")
+    torch.testing.assert_close(logits(streamed), logits(after), rtol=0, atol=0)
+
+
+def test_quantised_loading_falls_back_for_pickled_weights(tmp_path, tiny_llama_dir):
+    """A folder without safetensors weights (pytorch_model.bin) loads whole and is quantised after: same model."""
+    import shutil
+
+    from peftlab.peft.nf4_loading import load_quantized
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, folder)
+    torch.save(load(tiny_llama_dir).state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    config = load(tiny_llama_dir).config
+    assert load_quantized(AutoModelForCausalLM, config, folder, torch.float32, torch.float32, torch.device("cpu")) is None
+    streamed = load_model(str(folder), quantize="nf4", compute_dtype="float32").model
+    after = quantize_model(load_model(str(tiny_llama_dir)).model, "float32")
+    torch.testing.assert_close(logits(streamed), logits(after), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method,extra", [("qlora", []), ("dora", ["--quantize", "nf4"])])
+def test_training_on_a_base_quantised_as_it_loads(method, extra, tiny_llama_dir, tmp_path, monkeypatch):
+    """train --method qlora (or --quantize nf4) loads the base through the streaming NF4 loader, never whole."""
+    from helpers import losses, write_dialogues
+
+    from peftlab.cli import main
+    from peftlab.peft import nf4_loading
+
+    calls = []
+    real = nf4_loading.load_quantized
+    monkeypatch.setattr(nf4_loading, "load_quantized", lambda *a, **k: calls.append(a) or real(*a, **k))
+    monkeypatch.setattr(quantize_model.__globals__["NF4Linear"], "from_linear",
+                        classmethod(lambda cls, *a, **k: pytest.fail("a float layer was quantised after loading")))
+    data = write_dialogues(tmp_path / "d.jsonl", n=8)
+    run = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_llama_dir), "--data", str(data), "--out", str(run), "--method", method,
+                 "--max-steps", "2", "--batch-size", "4", "--compute-dtype", "float32", "--device", "cpu", *extra]) == 0
+    assert len(calls) == 1 and len(losses(run)) == 2
+    assert (run / "final" / "adapter_config.json").is_file()

@@ -351,8 +351,27 @@ def _context_length(config: PretrainedConfig) -> int | None:
 # ---------------------------------------------------------------------------------------------
 
 
+def _load_weights(model_class, config, path: str, dtype: torch.dtype, device: torch.device,
+                  quantize: str | None, compute_dtype: str):
+    """The model with its weights; with ``quantize="nf4"`` its linear layers in NF4, quantised as they load."""
+    if quantize == "nf4" and Path(path).is_dir():
+        from peftlab.peft.nf4 import compute_dtype_of
+        from peftlab.peft.nf4_loading import load_quantized
+
+        model = load_quantized(model_class, config, Path(path), dtype, compute_dtype_of(compute_dtype), device)
+        if model is not None:
+            return model
+    model = model_class.from_pretrained(path, config=config, dtype=dtype)
+    if quantize == "nf4":
+        from peftlab.peft.qlora import quantize_model
+
+        quantize_model(model, compute_dtype, device=device)
+    return model
+
+
 def load_model(
-    name: str, dtype: str = "float32", device: str = "cpu", progress: ProgressFactory = silent
+    name: str, dtype: str = "float32", device: str = "cpu", progress: ProgressFactory = silent,
+    quantize: str | None = None, compute_dtype: str = "bfloat16",
 ) -> LoadedModel:
     """Load a model and its tokenizer from a local folder, a ``.gguf`` file, an alias or a hub id.
 
@@ -361,7 +380,10 @@ def load_model(
     folder that shares an alias's name with ``./``.
 
     Weights load directly in ``dtype`` (modules a model keeps in float32 on purpose stay so), then
-    move to ``device``; the model is returned in ``eval()`` mode.
+    move to ``device``; the model is returned in ``eval()`` mode. With ``quantize="nf4"`` every
+    linear layer but the output head is stored in 4-bit NF4 (computing in ``compute_dtype``),
+    quantised one layer at a time as the weights are read, so the float model is never whole
+    in memory (:mod:`peftlab.peft.nf4_loading`).
     """
     torch_dtype = resolve_dtype(dtype)
     torch_device = resolve_device(device)
@@ -374,7 +396,7 @@ def load_model(
                 config = AutoConfig.from_pretrained(path)
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 bar.update(1, step="config+tokenizer")
-                model = _auto_class(config).from_pretrained(path, config=config, dtype=torch_dtype)
+                model = _load_weights(_auto_class(config), config, path, torch_dtype, torch_device, quantize, compute_dtype)
                 bar.update(1, step="weights")
             except SafetensorError as err:  # a damaged or truncated weights file
                 raise UserError(f"the model folder {path} holds a damaged weights file ({str(err).strip()}); "
@@ -410,11 +432,8 @@ def load_model(
 def load_for_inference(model: str, adapter: str | None, dtype: str, device: str, trust_pickle: bool = False,
                        progress: ProgressFactory = silent, quantize: str | None = None) -> LoadedModel:
     """The base model (stored as 4-bit NF4 with ``quantize="nf4"``), with a PEFT adapter applied when one is given."""
-    loaded = load_model(model, dtype=dtype, device=device, progress=progress)
-    if quantize == "nf4":
-        from peftlab.peft import quantize_model
-
-        quantize_model(loaded.model, "float32" if dtype == "float32" else "bfloat16", device=next(loaded.model.parameters()).device)
+    loaded = load_model(model, dtype=dtype, device=device, progress=progress, quantize=quantize,
+                        compute_dtype="float32" if dtype == "float32" else "bfloat16")
     if adapter:
         from peftlab.peft import load_adapter
 

@@ -314,9 +314,10 @@ class ModelSetup:
 
 
 def prepare_model(config: TrainConfig, progress: ProgressFactory, log: Callable[[str], None]) -> ModelSetup:
-    loaded = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
-    torch.manual_seed(config.seed)  # adapter initialisation does not depend on what loading consumed
     method = methods.get(config.method)
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress,
+                        quantize=method.base_quantization(config), compute_dtype=config.compute_dtype)
+    torch.manual_seed(config.seed)  # adapter initialisation does not depend on what loading consumed
     model = method.prepare(loaded, config)
     report = methods.parameter_report(model)
     log(str(report))

@@ -65,12 +65,18 @@ class Method:
     def facts(self) -> method_table.MethodFacts:
         return method_table.METHODS[self.name]
 
+    def base_quantization(self, config) -> str | None:
+        """How the frozen base is stored: "nf4" (quantised as it loads) or None (as loaded)."""
+        if self.facts.quantised_base == "always" or (config.quantize == "nf4" and self.facts.quantised_base == "optional"):
+            return "nf4"
+        return None
+
     def prepare(self, loaded, config) -> torch.nn.Module:
         if self.apply is None:
             for p in loaded.model.parameters():
                 p.requires_grad_(True)
             return loaded.model
-        if config.quantize == "nf4" and self.facts.quantised_base == "optional":  # qlora quantises in its own apply
+        if self.base_quantization(config):  # already NF4 when loaded this way; freezes the base
             peft.quantize_model(loaded.model, config.compute_dtype, device=_device(loaded.model))
         return self.apply(loaded.model, self.config(config), loaded, config)
 
