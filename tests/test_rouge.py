@@ -9,6 +9,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from peftlab.errors import UserError
+from peftlab.eval._lcs import PackedReference
 from peftlab.eval.rouge import ROUGE_TYPES, Score, lcs_length, rouge, tokenize
 
 WORDS = (
@@ -140,6 +141,38 @@ def test_lcs_length_matches_dynamic_programming():
         a = [rng.choice("abcde") for _ in range(rng.randint(0, 150))]  # past 64 tokens: multi-word ints
         b = [rng.choice("abcdef") for _ in range(rng.randint(0, 150))]
         assert lcs_length(a, b) == rouge_scorer._lcs_table(a, b)[-1][-1]
+
+
+def test_union_lcs_picks_rouge_scores_positions():
+    """Every reference sentence's union of LCS positions equals rouge-score's (table + backtracking).
+
+    Few distinct tokens make many LCSs of equal length, so a different tie-break would show; empty
+    sentences and sentences past 64 tokens (several machine words) are included.
+    """
+    rng = random.Random(7)
+    for trial in range(300):
+        alphabet = "abcdefgh"[: rng.randint(1, 8)]
+        sizes = [0, 1, 3, 12, 40, 90] if trial % 10 == 0 else list(range(0, 25))
+
+        def sentences(count):
+            return [[rng.choice(alphabet) for _ in range(rng.choice(sizes))] for _ in range(count)]
+
+        refs, cans = sentences(rng.randint(1, 6)), sentences(rng.randint(1, 6))
+        packed = PackedReference(refs)
+        expected = [rouge_scorer._find_union([rouge_scorer.lcs_ind(r, c) for c in cans]) for r in refs]
+        assert packed.positions(packed.union_lcs(cans)) == expected, (refs, cans)
+
+
+def test_long_multi_line_texts_equal_rouge_score():
+    """Dialogue-length texts (hundreds of tokens, dozens of lines), as the bench scores them."""
+    rng = random.Random(3)
+    lines = [_sentence(rng) for _ in range(400)]
+    scorer = {stem: rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=stem) for stem in (False, True)}
+    for _ in range(6):
+        reference = "\n".join(rng.sample(lines, 30))
+        prediction = _mutate(reference, rng) if rng.random() < 0.5 else "\n".join(rng.sample(lines, 25))
+        for stem in (False, True):
+            _assert_equal(rouge(prediction, reference, stem), scorer[stem].score(reference, prediction), stem)
 
 
 def test_course_notes_worked_example():

@@ -11,6 +11,11 @@ tokens and ``p`` the prediction tokens:
                 it occurs on both sides (as ROUGE-1.5.5 does); hits / total tokens.
     F1 = 2 P R / (P + R), or 0 when P + R = 0.
 
+The LCSs are bit-parallel (``peftlab.eval._lcs``): ROUGE-Lsum picks, for every sentence pair,
+the same LCS as rouge-score's table and backtracking, in a few big-integer operations per token
+instead of a Python loop over every cell. Each text is tokenized once, line by line (the whole
+text's tokens are the lines' tokens in order: a newline is a separator), and stems are cached.
+
 Tokens follow rouge-score: lowercase, every run of characters outside ``[a-z0-9]`` is a separator
 (accented letters included), and with ``use_stemmer`` the tokens longer than 3 characters go
 through NLTK's Porter stemmer in its default (NLTK_EXTENSIONS) mode.
@@ -27,6 +32,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from peftlab.errors import UserError
+from peftlab.eval._lcs import PackedReference, lcs_length
+
+__all__ = ["ROUGE_TYPES", "Score", "lcs_length", "rouge", "tokenize"]
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
@@ -51,15 +59,15 @@ def rouge(
     for rouge_type in rouge_types:
         if rouge_type not in ("rougeL", "rougeLsum") and not _NGRAM_TYPE.fullmatch(rouge_type):
             raise UserError(f"unknown ROUGE type {rouge_type!r}: use rouge1..rouge9, rougeL or rougeLsum")
-    pred, ref = tokenize(prediction, use_stemmer), tokenize(reference, use_stemmer)
+    pred_sents, ref_sents = _sentences(prediction, use_stemmer), _sentences(reference, use_stemmer)
+    pred = [t for s in pred_sents for t in s]
+    ref = [t for s in ref_sents for t in s]
     scores = {}
     for rouge_type in rouge_types:
         if rouge_type == "rougeL":
             scores[rouge_type] = _score_lcs(pred, ref)
         elif rouge_type == "rougeLsum":
-            scores[rouge_type] = _score_lsum(
-                _sentences(prediction, use_stemmer), _sentences(reference, use_stemmer)
-            )
+            scores[rouge_type] = _score_lsum(pred_sents, ref_sents)
         else:
             n = int(rouge_type[5:])
             scores[rouge_type] = _score_ngrams(_ngrams(pred, n), _ngrams(ref, n))
@@ -70,14 +78,30 @@ def tokenize(text: str, use_stemmer: bool = False) -> list[str]:
     """rouge-score's tokenizer: lowercase, split on non-``[a-z0-9]``, optionally Porter-stem."""
     tokens = _TOKEN.findall(text.lower())
     if use_stemmer:
-        tokens = [_stem(t) if len(t) > 3 else t for t in tokens]
-        tokens = [t for t in tokens if _TOKEN.fullmatch(t)]  # rouge-score re-checks after stemming
+        stems = _STEMS
+        if len(stems) > _MAX_STEMS:
+            stems.clear()
+        out = []
+        for token in tokens:
+            stem = stems.get(token)
+            if stem is None:
+                stem = stems[token] = _stem_token(token)
+            if stem:
+                out.append(stem)
+        tokens = out
     return tokens
 
 
-@lru_cache(maxsize=1 << 17)
-def _stem(token: str) -> str:
-    return _porter().stem(token)
+_STEMS: dict[str, str] = {}  # token -> its stem, "" when rouge-score drops the stem
+_MAX_STEMS = 1 << 18
+
+
+def _stem_token(token: str) -> str:
+    """Tokens longer than 3 characters go through Porter; rouge-score re-checks the result."""
+    if len(token) <= 3:
+        return token
+    stem = _porter().stem(token)
+    return stem if _TOKEN.fullmatch(stem) else ""
 
 
 @lru_cache(maxsize=1)
@@ -92,32 +116,14 @@ def _fmeasure(precision: float, recall: float) -> float:
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter:
-    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tokens) if n == 1 else Counter(zip(*(tokens[i:] for i in range(n))))
 
 
 def _score_ngrams(pred: Counter, ref: Counter) -> Score:
-    hits = sum(min(count, pred[gram]) for gram, count in ref.items())
+    hits = sum(min(ref[gram], pred[gram]) for gram in ref.keys() & pred.keys())
     precision = hits / max(sum(pred.values()), 1)
     recall = hits / max(sum(ref.values()), 1)
     return Score(precision, recall, _fmeasure(precision, recall))
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence, bit-parallel (Allison & Dix 1986; Hyyro 2004).
-
-    Bit i of ``v`` is 1 while row i of the classic DP table has not yet stepped up; for each token
-    of ``b``, ``u = v & match(token)`` and ``v = (v + u) | (v - u)`` advance one column of the table
-    in a few big-integer operations. The LCS is the number of bits of ``v`` that became 0.
-    """
-    match: dict[str, int] = {}
-    for i, token in enumerate(a):
-        match[token] = match.get(token, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for token in b:
-        u = v & match.get(token, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(a) - v.bit_count()
 
 
 def _score_lcs(pred: list[str], ref: list[str]) -> Score:
@@ -133,43 +139,20 @@ def _sentences(text: str, use_stemmer: bool) -> list[list[str]]:
     return [tokenize(line, use_stemmer) for line in text.split("\n") if line]
 
 
-def _lcs_indices(ref: list[str], can: list[str]) -> list[int]:
-    """Indices into ``ref`` of one LCS: the one rouge-score's backtracking picks.
-
-    The choice matters for ROUGE-Lsum, whose union of LCSs depends on which LCS each pair gives.
-    """
-    table = [[0] * (len(can) + 1) for _ in range(len(ref) + 1)]  # (|ref|+1, |can|+1)
-    for i, r in enumerate(ref, 1):
-        row, above = table[i], table[i - 1]
-        for j, c in enumerate(can, 1):
-            row[j] = above[j - 1] + 1 if r == c else max(above[j], row[j - 1])
-    indices = []
-    i, j = len(ref), len(can)
-    while i > 0 and j > 0:
-        if ref[i - 1] == can[j - 1]:
-            indices.append(i - 1)
-            i, j = i - 1, j - 1
-        elif table[i][j - 1] > table[i - 1][j]:
-            j -= 1
-        else:
-            i -= 1
-    return indices[::-1]
-
-
 def _score_lsum(pred_sents: list[list[str]], ref_sents: list[list[str]]) -> Score:
-    """Summary-level LCS (Lin 2004, section 3.2) with ROUGE-1.5.5's guard against double counting."""
+    """Summary-level LCS (Lin 2004, section 3.2) with ROUGE-1.5.5's guard against double counting.
+
+    rouge-score walks each reference sentence's union positions, counting a token while both
+    sides still have one left. Union positions are distinct reference positions, so token ``t``
+    gets ``min(U_t, count_pred(t))`` hits, ``U_t`` being how many union positions hold ``t``.
+    """
     num_pred, num_ref = sum(map(len, pred_sents)), sum(map(len, ref_sents))
     if not num_pred or not num_ref:
         return Score(0.0, 0.0, 0.0)
+    packed = PackedReference(ref_sents)
+    union = packed.union_lcs(pred_sents)
     left_pred = Counter(t for s in pred_sents for t in s)
-    left_ref = Counter(t for s in ref_sents for t in s)
-    hits = 0
-    for ref in ref_sents:
-        union = sorted(set().union(*(_lcs_indices(ref, can) for can in pred_sents)))
-        for token in (ref[i] for i in union):
-            if left_pred[token] > 0 and left_ref[token] > 0:
-                hits += 1
-                left_pred[token] -= 1
-                left_ref[token] -= 1
+    match = packed.reversed_match
+    hits = sum(min((union & match[t]).bit_count(), left_pred[t]) for t in match.keys() & left_pred.keys())
     precision, recall = hits / num_pred, hits / num_ref
     return Score(precision, recall, _fmeasure(precision, recall))
