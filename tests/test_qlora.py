@@ -289,7 +289,7 @@ def test_training_on_a_base_quantised_as_it_loads(method, extra, tiny_llama_dir,
     calls = []
     real = nf4_loading.load_quantized
     monkeypatch.setattr(nf4_loading, "load_quantized", lambda *a, **k: calls.append(a) or real(*a, **k))
-    monkeypatch.setattr(quantize_model.__globals__["NF4Linear"], "from_linear",
+    monkeypatch.setattr(NF4Linear, "from_linear",
                         classmethod(lambda cls, *a, **k: pytest.fail("a float layer was quantised after loading")))
     data = write_dialogues(tmp_path / "d.jsonl", n=8)
     run = tmp_path / "run"

@@ -144,7 +144,9 @@ def main() -> None:
         return
 
     rows = []
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--sides")]
+    forwarded = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--batch-size={args.batch_size}",
+                 f"--tokens={args.tokens}", f"--completion={args.completion}",
+                 *(["--quick"] if args.quick else []), *(["--no-compile"] if args.no_compile else [])]
     for side in args.sides.split(","):
         out = subprocess.run([sys.executable, __file__, *forwarded, "--side", side], capture_output=True, text=True)
         if out.returncode != 0:

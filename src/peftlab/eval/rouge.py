@@ -78,26 +78,13 @@ def tokenize(text: str, use_stemmer: bool = False) -> list[str]:
     """rouge-score's tokenizer: lowercase, split on non-``[a-z0-9]``, optionally Porter-stem."""
     tokens = _TOKEN.findall(text.lower())
     if use_stemmer:
-        stems = _STEMS
-        if len(stems) > _MAX_STEMS:
-            stems.clear()
-        out = []
-        for token in tokens:
-            stem = stems.get(token)
-            if stem is None:
-                stem = stems[token] = _stem_token(token)
-            if stem:
-                out.append(stem)
-        tokens = out
+        tokens = [stem for stem in map(_stem_token, tokens) if stem]
     return tokens
 
 
-_STEMS: dict[str, str] = {}  # token -> its stem, "" when rouge-score drops the stem
-_MAX_STEMS = 1 << 18
-
-
+@lru_cache(maxsize=1 << 18)
 def _stem_token(token: str) -> str:
-    """Tokens longer than 3 characters go through Porter; rouge-score re-checks the result."""
+    """Tokens longer than 3 characters go through Porter; rouge-score re-checks the result ("": dropped)."""
     if len(token) <= 3:
         return token
     stem = _porter().stem(token)

@@ -76,8 +76,6 @@ class Method:
             for p in loaded.model.parameters():
                 p.requires_grad_(True)
             return loaded.model
-        if self.base_quantization(config):  # already NF4 when loaded this way; freezes the base
-            peft.quantize_model(loaded.model, config.compute_dtype, device=_device(loaded.model))
         return self.apply(loaded.model, self.config(config), loaded, config)
 
     def save_final(self, model, tokenizer, folder: Path, loaded, config) -> None:
