@@ -155,6 +155,19 @@ class TrainConfig:
     experiment: str | None = option(None, "MLflow experiment name (default: the name of the --out or --tracking-dir folder).")
     run_name: str | None = option(None, "The run's name in the trackers (default: the name of the --out folder).")
     seed: int = option(42, "Seed of initialisation, data order and dropout.")
+    # --- speed and memory (peftlab.training.packing, training.loss); the defaults are the fast path with equal losses
+    batching: str = option("packed", "How a micro-batch reaches the model: packed (its examples end to end in one row, "
+                                     "no padding, attention kept within each example; decoder-only models without virtual "
+                                     "tokens, others fall back to padded) or padded (right-padded rows).",
+                           choices=("packed", "padded"))
+    group_by_length: bool = option(False, "Put examples of similar length in the same micro-batch (sorted within seeded "
+                                          "mega-batches of 50 micro-batches, whose order stays random): less padding with "
+                                          "--batching padded; changes which examples share a step.")
+    gradient_checkpointing: bool = option(False, "Recompute each block's activations during the backward pass: much less "
+                                                 "memory, about a third more compute; same results.")
+    compile: bool = option(False, "torch.compile the model (the first steps compile; results equal to float tolerance).")
+    autocast: str | None = option(None, "Compute in bfloat16 under autocast, weights and optimizer states in --dtype (GPUs, "
+                                        "and CPUs with AVX512-BF16 or AMX only).", choices=("bfloat16",))
     dtype: str = dtype_option()
     device: str = device_option()
     resume: bool = option(False, "Continue the run in --out from its newest complete checkpoint (--resume PATH: from "

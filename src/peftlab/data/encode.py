@@ -90,6 +90,29 @@ def collate(batch: list[Encoded], pad_id: int, is_seq2seq: bool) -> dict[str, to
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def pack(batch: list[Encoded]) -> dict[str, torch.Tensor]:
+    """A decoder-only batch as one row without padding (see ``peftlab.training.packing``).
+
+    ``input_ids``, ``labels``, ``position_ids`` (1, T) with T = sum of the examples' lengths, positions
+    restarting at 0 for each example; ``cu_seq_lens`` (n + 1,) the examples' start offsets then T. The
+    first label of each example is -100: the loss reads ``labels[:, 1:]``, so an example's first label
+    never counts unpacked, and packed it would make the previous example's last token predict it.
+    """
+    ids, labels, positions, starts = [], [], [], [0]
+    for e in batch:
+        ids += e.input_ids
+        labels += [IGNORE_INDEX] + e.labels[1:]
+        positions += range(len(e.input_ids))
+        starts.append(starts[-1] + len(e.input_ids))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "cu_seq_lens": torch.tensor(starts, dtype=torch.int32)}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a collated batch that are not padding (a packed row has none)."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
 def encode_prompts(tokenizer, prompts: list[str], *, is_seq2seq: bool, chat: bool, max_length: int) -> dict[str, torch.Tensor]:
     """A left-padded batch of prompts for generation (decoder-only) or a right-padded one (seq2seq)."""
     rows = []

@@ -55,7 +55,7 @@ import transformers
 
 from peftlab import __version__, method_table
 from peftlab.config import TrainConfig, to_dict
-from peftlab.data.encode import Encoded, collate, encode_example, uses_chat_template
+from peftlab.data.encode import Encoded, collate, encode_example, pack, real_tokens, uses_chat_template
 from peftlab.data.pipeline import Example, prepare, prepare_mixture
 from peftlab.errors import UserError
 from peftlab.memory import peak_memory
@@ -75,13 +75,15 @@ from peftlab.progress import ProgressFactory, silent
 from peftlab.tracking import Trackers, parse_report_to
 from peftlab.training import checkpoint as ckpt
 from peftlab.training import methods
-from peftlab.training.loss import completion_loss, target_count
+from peftlab.training.loss import completion_loss, plain_linear_head, target_count
+from peftlab.training.packing import packed_attention, supports_packing
 from peftlab.training.regularize import Regularizer, make_regularizer
 
 # The settings ``--resume`` may change: they do not change the trained weights. Every other one would
 # (learning rate, schedule, steps, data, method options ...): resuming with it changed is refused.
 _RESUME_FREE = ("out", "resume", "resume_from", "overwrite", "device", "log_every", "eval_every", "eval_limit",
-                "save_every", "keep_checkpoints", "skip_nonfinite_steps", "report_to", "tracking_dir", "experiment", "run_name")
+                "save_every", "keep_checkpoints", "skip_nonfinite_steps", "report_to", "tracking_dir", "experiment", "run_name",
+                "gradient_checkpointing")
 
 
 @dataclass
@@ -112,11 +114,27 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def micro_batches(n: int, batch_size: int, seed: int, epoch: int, start: int) -> Iterator[tuple[int, list[int]]]:
-    """(micro-batch index, example indices) of one epoch, from ``start`` on; the order is seeded by (seed, epoch)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    for i in range(start, math.ceil(n / batch_size)):
-        yield i, order[i * batch_size : (i + 1) * batch_size]
+MEGA_BATCH = 50  # --group-by-length sorts within this many micro-batches (transformers' LengthGroupedSampler)
+
+
+def micro_batches(n: int, batch_size: int, seed: int, epoch: int, start: int,
+                  lengths: list[int] | None = None) -> Iterator[tuple[int, list[int]]]:
+    """(micro-batch index, example indices) of one epoch, from ``start`` on; the order is seeded by (seed, epoch).
+
+    With ``lengths`` (``--group-by-length``) the seeded order is cut into mega-batches of ``MEGA_BATCH``
+    micro-batches, each sorted longest first and cut into micro-batches of similar lengths, whose order
+    is then shuffled with the same generator: little padding, and long and short steps still mixed.
+    """
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is not None:
+        mega = batch_size * MEGA_BATCH
+        order = [j for i in range(0, n, mega) for j in sorted(order[i : i + mega], key=lambda j: -lengths[j])]
+        cut = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+        batches = [cut[k] for k in torch.randperm(len(cut), generator=generator).tolist()]
+    for i in range(start, len(batches)):
+        yield i, batches[i]
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -124,14 +142,15 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 @torch.no_grad()
-def validation_loss(model, examples: list[Encoded], batch_size: int, pad_id: int, is_seq2seq: bool, device) -> float | None:
+def validation_loss(model, examples: list[Encoded], batch_size: int, collate_fn: Callable[[list[Encoded]], dict],
+                    is_seq2seq: bool, device) -> float | None:
     if not examples:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, n = completion_loss(model, to_device(collate(examples[i : i + batch_size], pad_id, is_seq2seq), device), is_seq2seq)
+        loss, n = completion_loss(model, to_device(collate_fn(examples[i : i + batch_size]), device), is_seq2seq)
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -217,16 +236,19 @@ def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: 
     examples = prepare_data(config, log)
     setup = prepare_model(config, progress, log)
     encode = Encoder.for_model(config, setup)
+    packed = config.batching == "packed" and supports_packing(setup.model, setup.is_seq2seq, virtual_token_count(setup.model))
     batches = Batches(encode(examples.train), encode(examples.validation[: config.eval_limit]),
-                      setup.tokenizer.pad_token_id, setup.is_seq2seq, setup.device)
+                      setup.tokenizer.pad_token_id, setup.is_seq2seq, setup.device, packed)
     regularizer = build_regularizer(config, setup.model, encode, batches, progress)
     optim = build_optimizer(config, setup.model, total_steps(config, len(batches.train)))
-    state = restore(config, run.work / "checkpoints", setup.model, optim, len(batches.train), log)
+    state = restore(config, run.work / "checkpoints", setup.model, optim, len(batches.train), log,
+                    lengths=batches.lengths() if config.group_by_length else None)
     info = run_info(config, setup, examples, batches, encode.chat, optim.total_steps)
     with open_trackers(config, run) as trackers:
         info["tracking"] = {"report_to": list(parse_report_to(config.report_to)), "mlflow_run_id": trackers.mlflow_run_id}
         write_json(run.work / RUN_MARKER, info)
-        with MetricsLog(run.work, keep_lines=state.metrics_lines, trackers=trackers) as metrics, StopRequests() as stop:
+        with (MetricsLog(run.work, keep_lines=state.metrics_lines, trackers=trackers) as metrics, StopRequests() as stop,
+              packed_attention(setup.model, batches.packed), autocast(config, setup.device)):
             train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics,
                        progress, stop)
             if stop.signum is not None:
@@ -321,7 +343,40 @@ def prepare_model(config: TrainConfig, progress: ProgressFactory, log: Callable[
     model = method.prepare(loaded, config)
     report = methods.parameter_report(model)
     log(str(report))
-    return ModelSetup(loaded, model, method, report, next(model.parameters()).device)
+    setup = ModelSetup(loaded, model, method, report, next(model.parameters()).device)
+    speed_options(config, setup)
+    return setup
+
+
+def speed_options(config: TrainConfig, setup: ModelSetup) -> None:
+    """``--gradient-checkpointing`` (transformers' own, non-reentrant: RNG states are replayed, so dropout
+    masks and results are the same), ``--compile`` (the module compiled in place: parameter names and
+    checkpoints unchanged), and the check that ``--autocast bfloat16`` has hardware to run on."""
+    if config.autocast:
+        check_bf16(setup.device)
+    if config.gradient_checkpointing:
+        if not getattr(setup.loaded.model, "supports_gradient_checkpointing", False):
+            raise UserError(f"{type(setup.loaded.model).__name__} does not support --gradient-checkpointing; leave it out")
+        setup.loaded.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile:  # what completion_loss calls: the decoder stack when the head is applied apart
+        model = setup.model
+        (model.base_model if not setup.is_seq2seq and plain_linear_head(model) else model).compile(dynamic=True)
+
+
+def check_bf16(device: torch.device) -> None:
+    """bfloat16 compute needs hardware for it; emulated on an AVX2 CPU it is several times slower than float32."""
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if not supported:
+        raise UserError(f"--autocast bfloat16: this {device.type.upper()} has no bfloat16 arithmetic (it would be emulated, "
+                        f"slower than float32); leave --autocast out")
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """The ``--autocast`` context for the forward and backward passes (a no-op without it)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast == "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -352,19 +407,28 @@ class Encoder:
 
 @dataclass
 class Batches:
-    """The tokenised training and validation sets, collated into padded micro-batches on the model's device."""
+    """The tokenised training and validation sets, collated into micro-batches on the model's device:
+    one packed row each (``--batching packed``, see ``training.packing``) or right-padded rows."""
 
     train: list[Encoded]
     validation: list[Encoded]
     pad_id: int
     is_seq2seq: bool
     device: torch.device
+    packed: bool = False
 
     def collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
-        return to_device(collate(examples, self.pad_id, self.is_seq2seq), self.device)
+        return to_device(self._collate(examples), self.device)
+
+    def _collate(self, examples: list[Encoded]) -> dict[str, torch.Tensor]:
+        return pack(examples) if self.packed else collate(examples, self.pad_id, self.is_seq2seq)
+
+    def lengths(self) -> list[int]:
+        """Tokens of each training example (what ``--group-by-length`` sorts by)."""
+        return [len(e.input_ids) + (len(e.labels) if self.is_seq2seq else 0) for e in self.train]
 
     def validation_loss(self, model, batch_size: int) -> float | None:
-        return validation_loss(model, self.validation, batch_size, self.pad_id, self.is_seq2seq, self.device)
+        return validation_loss(model, self.validation, batch_size, self._collate, self.is_seq2seq, self.device)
 
 
 def build_regularizer(config: TrainConfig, model, encode: Encoder, batches: Batches,
@@ -435,14 +499,15 @@ def build_optimizer(config: TrainConfig, model, steps: int) -> Optimization:
 class DataOrder:
     """Where the run is in its seeded data order: (epoch, next micro-batch), both saved in a checkpoint."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, next_micro: int = 0) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, next_micro: int = 0,
+                 lengths: list[int] | None = None) -> None:
+        self.n, self.batch_size, self.seed, self.lengths = n, batch_size, seed, lengths  # lengths: --group-by-length
         self.per_epoch = math.ceil(n / batch_size)  # micro-batches per epoch
         self._start(epoch, next_micro)
 
     def _start(self, epoch: int, next_micro: int) -> None:
         self.epoch, self.next_micro = epoch, next_micro
-        self._batches = micro_batches(self.n, self.batch_size, self.seed, epoch, next_micro)
+        self._batches = micro_batches(self.n, self.batch_size, self.seed, epoch, next_micro, self.lengths)
 
     def take(self) -> list[int]:
         """The example indices of the next micro-batch; after an epoch's last one, the position is the next epoch's start."""
@@ -476,10 +541,10 @@ class TrainState:
 
 
 def restore(config: TrainConfig, checkpoints: Path, model, optim: Optimization, n_train: int,
-            log: Callable[[str], None]) -> TrainState:
+            log: Callable[[str], None], lengths: list[int] | None = None) -> TrainState:
     """Step 0 at the start of the data order, or with ``--resume`` a checkpoint's weights, optimizer
     moments, schedule, RNG states, data position and counters (the newest complete one, or ``--resume PATH``)."""
-    fresh = TrainState(0, DataOrder(n_train, config.batch_size, config.seed))
+    fresh = TrainState(0, DataOrder(n_train, config.batch_size, config.seed, lengths=lengths))
     if not config.resume:
         return fresh
     if checkpoints.is_dir():
@@ -504,7 +569,7 @@ def restore(config: TrainConfig, checkpoints: Path, model, optim: Optimization, 
         if dropped:
             log(f"deleted the later checkpoints {', '.join(dropped)}: the resumed run writes them again")
         ckpt.prune(checkpoints, config.keep_checkpoints)  # a kill may have come before the last save's deletions
-    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"]),
+    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"], lengths),
                       seen_tokens=saved.get("tokens", 0), recent=saved.get("recent", []),
                       skipped=saved.get("skipped_steps", 0), metrics_lines=saved.get("metrics_lines"),
                       earlier_seconds=saved.get("elapsed_s", 0.0))
@@ -647,7 +712,7 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization,
         loss, _ = completion_loss(model, b, is_seq2seq)
         (loss / max(n_tokens, 1)).backward()
         loss_sum += loss.item()
-        tokens += int(b["attention_mask"].sum()) + (int((b["labels"] != -100).sum()) if is_seq2seq else 0)
+        tokens += real_tokens(b) + (int((b["labels"] != -100).sum()) if is_seq2seq else 0)
     penalty = None
     if regularizer is not None:  # once per step: the same as adding it to the step's loss
         penalty = regularizer.penalty(model)
