@@ -17,6 +17,16 @@ Callers tokenise: the harness as lm-evaluation-harness's ``HFLM`` does
 
 Rows are sorted longest first (HFLM's order), ``batch_size`` rows per forward, right-padded; only the
 last positions are turned into logits when the model takes ``logits_to_keep``.
+
+Shared prefix (decoder-only, ``share_prefix``): the token ids every row starts with (an MMLU
+subject's description, and with first_n few-shot sampling its five examples too) run through the
+model once; their keys and values are expanded to each batch, which then runs only its rows' own
+tokens on top (positions continue after the prefix). Causal attention makes this the same
+computation: a prefix position never sees what follows it. Only the order of floating-point
+sums changes (matmul shapes differ), so log-likelihoods agree with the plain computation to
+float rounding (about 1e-6 in float32). The prefix stops before the first position whose logits
+any row needs, so every needed logit comes from the batch forward. Not used with soft prompts or
+prefixes (virtual tokens sit in front of the input) or models without a KV cache argument.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from peftlab.errors import UserError
 from peftlab.progress import ProgressFactory, silent
@@ -53,9 +64,11 @@ def continuation_loglikelihoods(
     max_length: int,
     pad_id: int,
     batch_size: int = 8,
+    share_prefix: bool = True,
     progress: ProgressFactory = silent,
 ) -> list[Loglikelihood]:
-    """``log p(continuation | context)`` of each pair, in order; ``max_length``: input tokens the model reads."""
+    """``log p(continuation | context)`` of each pair, in order; ``max_length``: input tokens the model reads;
+    ``share_prefix``: run the token prefix all rows share once (see the module's docstring)."""
     if batch_size < 1:
         raise UserError(f"batch size must be >= 1, got {batch_size}")
     model.eval()
@@ -67,13 +80,19 @@ def continuation_loglikelihoods(
     order = sorted(groups.values(), key=lambda members: (-len(pairs[members[0]][0] + pairs[members[0]][1]),
                                                         tuple(pairs[members[0]][0] + pairs[members[0]][1])))
 
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    if is_seq2seq:
+        steps = (_seq2seq_batch(model, pairs, batch, max_length, pad_id) for batch in batches)
+    else:
+        # Input: (ctx + cont) without its last token, left-truncated to the model's positions.
+        rows = {tuple(m): (pairs[m[0]][0] + pairs[m[0]][1])[-(max_length + 1) :][:-1] for m in order}
+        shared = _shared_prefix(model, pairs, rows) if share_prefix else None
+        steps = (_causal_batch(model, pairs, [(m, rows[tuple(m)]) for m in batch], pad_id, shared) for batch in batches)
     results: list[Loglikelihood | None] = [None] * len(pairs)
-    step = _seq2seq_batch if is_seq2seq else _causal_batch
     bar = progress("loglikelihood", len(pairs), "request")
     try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            for index, result in step(model, pairs, batch, max_length, pad_id):
+        for batch, step in zip(batches, steps):
+            for index, result in step:
                 results[index] = result
             bar.update(sum(len(members) for members in batch))
     finally:
@@ -89,21 +108,62 @@ def _score(logits: torch.Tensor, cont: list[int]) -> Loglikelihood:
     return Loglikelihood(float(picked.sum()), bool((logprobs.argmax(-1) == target).all()), len(cont))
 
 
-def _causal_batch(model, pairs: Sequence[TokenPair], batch: list[list[int]], limit: int, pad: int):
-    # Input: (ctx + cont) without its last token, left-truncated to the model's positions.
-    rows = [(pairs[m[0]][0] + pairs[m[0]][1])[-(limit + 1) :][:-1] for m in batch]
-    ids, mask = _pad_right(rows, pad)  # (B, T)
+@dataclass
+class _SharedPrefix:
+    length: int
+    """Tokens every row starts with, already run through the model."""
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    """Per layer (keys, values), each (1, kv_heads, length, head_dim)."""
+    cache_arg: str
+    """The forward's keyword for a KV cache (``cache`` in transformers 5, ``past_key_values`` before)."""
+
+    def cache(self, model, rows: int) -> DynamicCache:
+        """A fresh cache holding the prefix for ``rows`` rows (the forward appends to it, never to ours)."""
+        data = [(k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for k, v in self.layers]
+        return DynamicCache(data, config=model.config)
+
+
+def _shared_prefix(model, pairs: Sequence[TokenPair], rows: dict[tuple[int, ...], list[int]]) -> _SharedPrefix | None:
+    """Run the ids all ``rows`` (members -> model input) start with once, up to the first position whose
+    logits a row needs."""
+    from peftlab.peft.prompt_tuning import virtual_token_count
+
+    cache_arg = next((a for a in ("cache", "past_key_values") if _accepts(model, a)), None)
+    if len(rows) < 2 or cache_arg is None or virtual_token_count(model) > 0:
+        return None
+    first = next(iter(rows.values()))
+    length = min(len(row) - max(len(pairs[i][1]) for i in m) for m, row in rows.items())  # before any needed logit
+    for row in rows.values():
+        length = next((j for j in range(length) if row[j] != first[j]), length)
+    if length < 1:
+        return None
+    cache = DynamicCache(config=model.config)
+    ids = torch.tensor([first[:length]], device=_device(model))  # (1, P)
+    keep = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True, **{cache_arg: cache}, **keep)
+    return _SharedPrefix(length, [(layer.keys, layer.values) for layer in cache.layers], cache_arg)
+
+
+def _causal_batch(model, pairs: Sequence[TokenPair], batch: list[tuple[list[int], list[int]]], pad: int,
+                  shared: _SharedPrefix | None):
+    """``batch``: (members, model input) per row; members share the row, their continuations end it."""
+    skip = shared.length if shared is not None else 0
+    own = [row[skip:] for _, row in batch]  # each row's tokens after the shared prefix
+    ids, mask = _pad_right(own, pad)  # (B, T)
     device = _device(model)
     width = ids.shape[1]
-    longest = [max(len(pairs[i][1]) for i in members) for members in batch]
+    longest = [max(len(pairs[i][1]) for i in members) for members, _ in batch]
     kwargs = {}
+    if shared is not None:
+        mask = torch.cat([torch.ones(len(batch), skip, dtype=mask.dtype), mask], dim=1)  # (B, P + T)
+        kwargs = {shared.cache_arg: shared.cache(model, len(batch)), "use_cache": True}
     if _accepts(model, "logits_to_keep"):
         # Keep the last positions that any row's continuation needs (rows are right-padded).
-        kwargs["logits_to_keep"] = max(width - len(r) + n for r, n in zip(rows, longest))
+        kwargs["logits_to_keep"] = max(width - len(r) + n for r, n in zip(own, longest))
     logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs).logits  # (B, K, V)
     kept = logits.shape[1]
-    for b, members in enumerate(batch):
-        end = kept - (width - len(rows[b]))  # the row's last real position (prompt-tuning tokens sit in front)
+    for b, (members, _) in enumerate(batch):
+        end = kept - (width - len(own[b]))  # the row's last real position (prompt-tuning tokens sit in front)
         for i in members:
             cont = pairs[i][1]
             yield i, _score(logits[b, end - len(cont) : end], cont)

@@ -104,9 +104,11 @@ def loglikelihoods(
     *,
     is_seq2seq: bool,
     batch_size: int = 8,
+    share_prefix: bool = True,
     progress: ProgressFactory = silent,
 ) -> list[Loglikelihood]:
-    """``log p(continuation | context)`` for each ``(context, continuation)``, in request order."""
+    """``log p(continuation | context)`` for each ``(context, continuation)``, in request order
+    (``share_prefix``: see :func:`~peftlab.eval.loglikelihood.continuation_loglikelihoods`)."""
     limit = max_length(model, tokenizer)
     encoded = [encode_pair(tokenizer, ctx, cont, is_seq2seq) for ctx, cont in requests]
     for (ctx_text, cont_text), (_, cont) in zip(requests, encoded):
@@ -116,7 +118,7 @@ def loglikelihoods(
             raise UserError(f"a continuation of {len(cont)} tokens is longer than the model's {limit} positions")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return continuation_loglikelihoods(model, encoded, is_seq2seq=is_seq2seq, max_length=limit, pad_id=pad,
-                                       batch_size=batch_size, progress=progress)
+                                       batch_size=batch_size, share_prefix=share_prefix, progress=progress)
 
 
 # -------------------------------------------------------------------------------------- generation
