@@ -2,14 +2,37 @@
 
 Prompts are formatted exactly as in training (chat template or not), left-padded for
 decoder-only models, and decoded until EOS or ``max_new_tokens``.
+
+Decoding is our own short greedy loop rather than transformers' ``generate``, for speed; it makes
+the same model calls as ``generate`` does for greedy search, so the tokens are the same:
+
+- decoder-only: position ids ``cumsum(mask) - 1`` (0 on padding), the attention mask dropped when
+  a batch has no padding, the head applied to the last position only (``logits_to_keep=1``), then
+  one token per step with the mask grown by one and the positions by one;
+- encoder-decoder: the encoder once, then the decoder from ``decoder_start_token_id``;
+- argmax of the last position's logits; a row that has produced a stop token is fed padding
+  afterwards; the loop ends when every row has stopped or after ``max_new_tokens``.
+
+Where the time goes in ``generate`` on a small model on CPU, and what the loop saves:
+``DynamicCache`` concatenates every layer's keys and values at every step, copying the whole
+cache (B, kv heads, T, head dim) each time, O(T^2) over a generation; our cache writes each step
+into a buffer with room for the tokens to come (:class:`RoomyLayer`), so keys and values are
+views of the filled part. ``generate`` also spends a few milliseconds a step in logits
+processors, stopping criteria and input preparation.
+
+A model whose generation config asks for more than plain greedy search (repetition penalty,
+minimum length, suppressed or forced tokens, ...) or whose forward takes no ``cache`` is decoded
+by transformers' ``generate``, which implements all of it.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 
 from peftlab.data.encode import encode_prompts
 from peftlab.progress import ProgressFactory, silent
@@ -26,11 +49,148 @@ class Generation:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS and the model's configured ones."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
     return sorted(i for i in ids if i is not None)
+
+
+# Generation-config fields that make transformers' greedy search differ from a plain argmax loop,
+# with the values that leave it plain (the logits processors and stopping criteria they add).
+_PLAIN_GREEDY = {
+    "guidance_scale": (None, 1, 1.0),
+    "sequence_bias": (None,),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "watermarking_config": (None,),
+    "renormalize_logits": (None, False),
+    "max_time": (None,),
+    "stop_strings": (None,),
+    "cache_implementation": (None, "dynamic"),
+    "prefill_chunk_size": (None,),
+    "token_healing": (None, False),
+}
+
+
+def plain_greedy(model) -> bool:
+    """Whether our loop decodes ``model`` exactly as ``generate(do_sample=False, num_beams=1)`` does."""
+    config = getattr(model, "generation_config", None)
+    if config is None or "cache" not in _forward_parameters(model):
+        return False
+    if not getattr(model, "_supports_default_dynamic_cache", lambda: True)():  # e.g. state-space models
+        return False
+    return all(getattr(config, name, None) in plain for name, plain in _PLAIN_GREEDY.items())
+
+
+def _forward_parameters(model) -> frozenset[str]:
+    return frozenset(inspect.signature(model.forward).parameters)
+
+
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values sit in a buffer with ``room`` positions to spare.
+
+    ``DynamicLayer.update`` is ``keys = cat([keys, new])``: every decoding step copies the layer's
+    whole cache. Here an update writes the new positions into the buffer (growing it by the
+    positions written plus ``room`` when full) and ``keys`` / ``values`` are views of the filled
+    part, (B, heads, T, head dim): the same numbers attention saw before, without the copies.
+    """
+
+    def __init__(self, room: int) -> None:
+        super().__init__()
+        self.room = room
+        self._key_buffer: torch.Tensor | None = None  # (B, heads, capacity, head dim)
+        self._value_buffer: torch.Tensor | None = None
+        self._length = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self._length + key_states.shape[-2]
+        if self._key_buffer is None or end > self._key_buffer.shape[-2]:
+            self._key_buffer = self._grow(self._key_buffer, key_states, end)
+            self._value_buffer = self._grow(self._value_buffer, value_states, end)
+        self._key_buffer[:, :, self._length : end].copy_(key_states)
+        self._value_buffer[:, :, self._length : end].copy_(value_states)
+        self._length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def _grow(self, buffer: torch.Tensor | None, states: torch.Tensor, end: int) -> torch.Tensor:
+        """A buffer with room for ``end + room`` positions, holding what ``buffer`` held."""
+        batch, heads, _, dim = states.shape
+        grown = states.new_empty(batch, heads, end + self.room, dim)
+        if buffer is not None:
+            grown[:, :, : self._length].copy_(buffer[:, :, : self._length])
+        return grown
+
+
+def _decoder_cache(model, room: int) -> DynamicCache:
+    """The cache ``generate`` would make for the decoder, with :class:`RoomyLayer` for its full-attention layers."""
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [RoomyLayer(room) for _ in cache.layers]
+    return cache
+
+
+def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, stop: list[int], pad: int) -> torch.Tensor:
+    """Greedy new tokens for a batch, (B, t) with t <= max_new_tokens; rows that stopped are padded."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
+    rows = ids.shape[0]
+    parameters = _forward_parameters(model)
+    head = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    if model.config.is_encoder_decoder:
+        encoded = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
+        cache = EncoderDecoderCache(_decoder_cache(model, max_new_tokens), DynamicCache(config=model.config.get_text_config(decoder=True)))
+        start = model.generation_config.decoder_start_token_id
+        start = model.config.decoder_start_token_id if start is None else start
+        inputs = {"encoder_outputs": encoded, "attention_mask": mask, "decoder_input_ids": torch.full((rows, 1), start, device=ids.device)}
+        step_key = "decoder_input_ids"
+    else:
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T): left padding does not shift positions
+        if bool((mask == 1).all()):
+            mask = None  # no padding: no mask, as in generate (attention takes its causal path)
+        cache = _decoder_cache(model, max_new_tokens)
+        inputs = {"input_ids": ids, "attention_mask": mask}
+        if "position_ids" in parameters:
+            inputs["position_ids"] = positions
+        step_key = "input_ids"
+    stop_tensor = torch.tensor(stop, device=ids.device)
+    stopped = torch.zeros(rows, dtype=torch.bool, device=ids.device)
+    tokens = []
+    for _ in range(max_new_tokens):
+        logits = model(**inputs, cache=cache, use_cache=True, **head).logits[:, -1]  # (B, vocab)
+        token = logits.argmax(-1).masked_fill(stopped, pad)  # (B,); a stopped row gets padding, as in generate
+        tokens.append(token)
+        stopped |= torch.isin(token, stop_tensor)
+        if bool(stopped.all()):
+            break
+        inputs[step_key] = token[:, None]  # (B, 1)
+        if not model.config.is_encoder_decoder:
+            if inputs["attention_mask"] is not None:
+                inputs["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(rows, 1)], dim=1)
+            if "position_ids" in inputs:
+                inputs["position_ids"] = inputs["position_ids"][:, -1:] + 1
+    return torch.stack(tokens, dim=1)
+
+
+def _reference_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, stop: list[int], pad: int) -> torch.Tensor:
+    """transformers' greedy ``generate``: the new tokens, (B, t), a seq2seq start token dropped."""
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                         eos_token_id=stop, pad_token_id=pad)
+    return out[:, 1:] if model.config.is_encoder_decoder else out[:, batch["input_ids"].shape[1] :]
 
 
 @torch.inference_mode()
@@ -49,7 +209,9 @@ def generate(
     """Greedy completions of ``prompts`` (in order)."""
     model.eval()
     device = next(model.parameters()).device
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    decode = _greedy_tokens if plain_greedy(model) else _reference_tokens
     texts: list[str] = []
     new_tokens = 0
     bar = progress("generating", len(prompts), "prompt")
@@ -57,19 +219,8 @@ def generate(
     for i in range(0, len(prompts), batch_size):
         batch = encode_prompts(tokenizer, prompts[i : i + batch_size], is_seq2seq=is_seq2seq, chat=chat, max_length=max_length)
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            use_cache=True,
-            eos_token_id=stop,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        generated = out if is_seq2seq else out[:, batch["input_ids"].shape[1] :]  # (B, T_new)
+        generated = decode(model, batch, max_new_tokens=max_new_tokens, stop=stop, pad=pad)  # (B, T_new)
         for row in generated.tolist():
-            if is_seq2seq and row and row[0] == model.config.decoder_start_token_id:
-                row = row[1:]
             ended = [j for j, t in enumerate(row) if t in stop]
             row = row[: ended[0] + 1] if ended else row
             new_tokens += len(row)

@@ -121,8 +121,21 @@ class LoraVariant:
         return {}
 
     def forward(self, layer: LoraLinear, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """The adapted output: ``result`` = W x + b (..., out) plus the update of ``x`` (..., in, adapter dtype)."""
-        return result + layer.lora_B(layer.lora_A(layer.dropout(x))) * layer.scaling
+        """The adapted output: ``result`` = W x + b (..., out) plus the update of ``x`` (..., in, adapter dtype).
+
+        When ``result`` is in the adapter dtype, the update is added by one ``addmm``,
+        result + s * (A x') B^T, instead of a product, a scaling and a sum (three ops and two
+        temporaries); in decoding, where each op works on a handful of rows, the ops are the cost.
+        The sum is the same up to one rounding (addmm may fuse the scaling and the addition).
+        """
+        if layer.training and layer.has_dropout:  # in eval mode dropout is the identity and draws no random numbers
+            x = layer.dropout(x)
+        down = F.linear(x, layer.lora_A.weight)  # (..., r) = A x'
+        if result.dtype != down.dtype:  # e.g. a bfloat16 base with float32 adapters: the sum in float32
+            return result + F.linear(down, layer.lora_B.weight) * layer.scaling
+        out = result.shape[-1]
+        flat = torch.addmm(result.reshape(-1, out), down.reshape(-1, layer.rank), layer.lora_B.weight.t(), alpha=layer.scaling)
+        return flat.view(result.shape)  # (..., out)
 
     def merge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
         """W <- W + s B A."""
@@ -209,6 +222,7 @@ class LoraLinear(WrappedLinear):
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.has_dropout = dropout > 0
         factory = {"device": base_layer.weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
@@ -230,7 +244,10 @@ class LoraLinear(WrappedLinear):
         result = self.base_layer(x)  # (..., out) = W x + b, in the base dtype
         if self.merged:
             return result
-        return self.variant.forward(self, x.to(self.lora_A.weight.dtype), result).to(result.dtype)
+        dtype = self.lora_A.weight.dtype
+        if x.dtype == dtype and result.dtype == dtype:  # no casts to make (each .to is an op, even when a no-op)
+            return self.variant.forward(self, x, result)
+        return self.variant.forward(self, x.to(dtype), result).to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
