@@ -14,6 +14,7 @@ the starting weights and their losses must agree), gradient norm clipped at 1:
 - peft LoRA: ``get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[q, k, v, o]))``;
   transformers full: the bare model. Both get ``DataCollatorForSeq2Seq`` batches (dynamic padding,
   labels -100 on the prompt) and ``model(**batch).loss``.
+- peftlab QLoRA (peak memory only): the base loaded into NF4 layer by layer, float32 compute, the same LoRA.
 - peft LoRA grouped: the same with transformers' ``LengthGroupedSampler`` order (its own batches,
   so only its tokens/s compares).
 
@@ -46,7 +47,7 @@ RESULTS = Path(__file__).parent / "results" / "train.json"
 INSTRUCTION = "Summarize the following conversation.\n\n"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SIDES = ("peftlab lora", "peft lora", "peft lora grouped", "peftlab full", "transformers full")
-MEMORY_SIDES = ("peftlab lora", "peftlab lora checkpointed", "peft lora", "peftlab full", "transformers full")
+MEMORY_SIDES = ("peftlab lora", "peftlab lora checkpointed", "peftlab qlora", "peft lora", "peftlab full", "transformers full")
 
 
 def encoded_examples(tokenizer, count: int, max_length: int) -> list:
@@ -73,10 +74,13 @@ class Side:
     def __init__(self, name: str, examples: list, order: list[list[int]]) -> None:
         self.name, self.examples, self.order = name, examples, order
         torch.manual_seed(0)
-        loaded = load_model("smollm2-135m-instruct")
+        # QLoRA (memory only): the base loaded layer by layer into NF4, computing in float32 (bfloat16 is
+        # emulated, several times slower, on CPUs without AVX512-BF16/AMX)
+        quantize = {"quantize": "nf4", "compute_dtype": "float32"} if name == "peftlab qlora" else {}
+        loaded = load_model("smollm2-135m-instruct", **quantize)
         self.tokenizer = loaded.tokenizer
         model = loaded.model
-        if name.startswith("peftlab lora"):
+        if name.startswith(("peftlab lora", "peftlab qlora")):
             from peftlab import peft as ours
 
             model = ours.apply_lora(model, ours.LoraConfig(rank=16, alpha=32, dropout=0.0, targets=",".join(TARGETS)))
@@ -189,6 +193,7 @@ def main() -> None:
             "lora --gradient-checkpointing peak RSS vs peft": memory["peftlab lora checkpointed"] / memory["peft lora"],
             "lora --gradient-checkpointing peak RSS vs peftlab full":
                 memory["peftlab lora checkpointed"] / memory["peftlab full"],
+            "qlora peak RSS vs peftlab lora": memory["peftlab qlora"] / memory["peftlab lora"],
         },
         "max loss difference (same batches, lr 0)": max(
             abs(a - b) for x, y in (("peftlab lora", "peft lora"), ("peftlab full", "transformers full"))
@@ -200,6 +205,7 @@ def main() -> None:
         rss = f"{s['peak_rss_gb']:.2f}" if s["peak_rss_gb"] is not None else "-"
         print(f"| {name} | {s['tokens_per_second']:.1f} | {s['mean_loss']:.5f} | {rss} |")
     print(f"| peftlab lora --gradient-checkpointing | - | - | {memory['peftlab lora checkpointed']:.2f} |")
+    print(f"| peftlab qlora (NF4 base, float32 compute) | - | - | {memory['peftlab qlora']:.2f} |")
     print("\n| ratio | value |\n|---|---|")
     for name, value in result["ratios"].items():
         print(f"| {name} | {value:.2f}x |")
