@@ -14,7 +14,8 @@ the starting weights and their losses must agree), gradient norm clipped at 1:
 - peft LoRA: ``get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[q, k, v, o]))``;
   transformers full: the bare model. Both get ``DataCollatorForSeq2Seq`` batches (dynamic padding,
   labels -100 on the prompt) and ``model(**batch).loss``.
-- peftlab QLoRA (peak memory only): the base loaded into NF4 layer by layer, float32 compute, the same LoRA.
+- peftlab QLoRA (peak memory only, also with gradient checkpointing): the base loaded into NF4 layer by
+  layer, float32 compute, the same LoRA.
 - peft LoRA grouped: the same with transformers' ``LengthGroupedSampler`` order (its own batches,
   so only its tokens/s compares).
 
@@ -47,7 +48,7 @@ RESULTS = Path(__file__).parent / "results" / "train.json"
 INSTRUCTION = "Summarize the following conversation.\n\n"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SIDES = ("peftlab lora", "peft lora", "peft lora grouped", "peftlab full", "transformers full")
-MEMORY_SIDES = ("peftlab lora", "peftlab lora checkpointed", "peftlab qlora", "peft lora", "peftlab full", "transformers full")
+MEMORY_SIDES = ("peftlab lora", "peftlab lora checkpointed", "peftlab qlora", "peftlab qlora checkpointed", "peft lora", "peftlab full", "transformers full")
 
 
 def encoded_examples(tokenizer, count: int, max_length: int) -> list:
@@ -71,14 +72,16 @@ def batch_order(examples: list, batch_size: int, steps: int, grouped: bool) -> l
 class Side:
     """One side's model, optimizer and step function."""
 
-    def __init__(self, name: str, examples: list, order: list[list[int]]) -> None:
-        self.name, self.examples, self.order = name, examples, order
+    def __init__(self, name: str, encode, schedule) -> None:
+        self.name = name
         torch.manual_seed(0)
         # QLoRA (memory only): the base loaded layer by layer into NF4, computing in float32 (bfloat16 is
         # emulated, several times slower, on CPUs without AVX512-BF16/AMX)
-        quantize = {"quantize": "nf4", "compute_dtype": "float32"} if name == "peftlab qlora" else {}
+        quantize = {"quantize": "nf4", "compute_dtype": "float32"} if name.startswith("peftlab qlora") else {}
         loaded = load_model("smollm2-135m-instruct", **quantize)
         self.tokenizer = loaded.tokenizer
+        self.examples = encode(self.tokenizer)
+        self.order = order = schedule(self.examples)
         model = loaded.model
         if name.startswith(("peftlab lora", "peftlab qlora")):
             from peftlab import peft as ours
@@ -131,9 +134,10 @@ class Side:
 
 
 def build(name: str, steps: int, batch_size: int, max_length: int) -> Side:
-    tokenizer = load_model("smollm2-135m-instruct").tokenizer
-    examples = encoded_examples(tokenizer, 500, max_length)
-    return Side(name, examples, batch_order(examples, batch_size, steps + 1, grouped=name.endswith("grouped")))
+    """A side whose examples are encoded with its own tokenizer (no second model load to get one: it
+    would inflate the side's peak RSS)."""
+    return Side(name, lambda tokenizer: encoded_examples(tokenizer, 500, max_length),
+                lambda examples: batch_order(examples, batch_size, steps + 1, grouped=name.endswith("grouped")))
 
 
 def peak_rss(name: str, args) -> float:
@@ -194,6 +198,8 @@ def main() -> None:
             "lora --gradient-checkpointing peak RSS vs peftlab full":
                 memory["peftlab lora checkpointed"] / memory["peftlab full"],
             "qlora peak RSS vs peftlab lora": memory["peftlab qlora"] / memory["peftlab lora"],
+            "qlora --gradient-checkpointing peak RSS vs lora --gradient-checkpointing":
+                memory["peftlab qlora checkpointed"] / memory["peftlab lora checkpointed"],
         },
         "max loss difference (same batches, lr 0)": max(
             abs(a - b) for x, y in (("peftlab lora", "peft lora"), ("peftlab full", "transformers full"))
@@ -206,6 +212,7 @@ def main() -> None:
         print(f"| {name} | {s['tokens_per_second']:.1f} | {s['mean_loss']:.5f} | {rss} |")
     print(f"| peftlab lora --gradient-checkpointing | - | - | {memory['peftlab lora checkpointed']:.2f} |")
     print(f"| peftlab qlora (NF4 base, float32 compute) | - | - | {memory['peftlab qlora']:.2f} |")
+    print(f"| peftlab qlora --gradient-checkpointing | - | - | {memory['peftlab qlora checkpointed']:.2f} |")
     print("\n| ratio | value |\n|---|---|")
     for name, value in result["ratios"].items():
         print(f"| {name} | {value:.2f}x |")
