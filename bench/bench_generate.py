@@ -1,19 +1,23 @@
 """Greedy generation: peftlab with LoRA merged, peftlab with LoRA unmerged, transformers + peft unmerged.
 
-    .venv/bin/python bench/bench_generate.py [--quick] [--prompts 100] [--threads N]
+    .venv/bin/python bench/bench_generate.py [--quick] [--prompts 100] [--rounds 1] [--threads N]
 
 The embedded model (smollm2-135m-instruct) gets LoRA r=16 on q, k, v and o with a random non-zero
 B (so the adapter changes the outputs). The same adapter file is loaded three ways:
 
 - peftlab merged:   ``merge_and_unload`` (plain ``nn.Linear`` layers), peftlab's ``generate``;
 - peftlab unmerged: ``LoraLinear`` layers, peftlab's ``generate``;
-- peft unmerged:    ``peft.PeftModel.from_pretrained``, transformers' ``generate`` (greedy, KV cache).
+- peft unmerged:    ``peft.PeftModel.from_pretrained``, transformers' ``generate`` (greedy, KV cache), batches
+                    in the order given (as a loop over the prompts does);
+- peft unmerged, length-sorted: the same with the prompts batched longest first, as peftlab's
+                    ``generate`` batches them (so this ratio isolates the decoding loop and the LoRA path).
 
 DialogSum dev prompts (the "Summarize the following conversation." instruction + dialogue) go
 through the chat template exactly as peftlab's ``generate`` sends them, batch 8, 64 new tokens at
-most. The three sides run interleaved, batch by batch (the order rotating), in one process. We
-report generated tokens per second (EOS included, padding excluded), the ratios, and how many
-texts agree between the sides (merged and unmerged may differ in rare cases by float rounding:
+most. Each side generates all the prompts in one call; the sides take turns (the order rotating
+from round to round), in one process. We report generated tokens per second (EOS included,
+padding excluded), the ratios, and how many texts agree between the sides (merged and unmerged,
+or different batches, may differ in rare cases by float rounding:
 W x + s B A x is not bit-equal to (W + s B A) x). Writes ``bench/results/generate.json``.
 """
 
@@ -36,7 +40,7 @@ from peftlab.peft.formats import load_adapter, save_adapter
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dev.jsonl"
 RESULTS = Path(__file__).parent / "results" / "generate.json"
 INSTRUCTION = "Summarize the following conversation.\n\n"
-SIDES = ("peftlab merged", "peftlab unmerged", "peft unmerged")
+SIDES = ("peftlab merged", "peftlab unmerged", "peft unmerged", "peft unmerged sorted")
 
 
 def read_prompts(count: int) -> list[str]:
@@ -60,32 +64,43 @@ def build_models(model_name: str, rank: int, folder: Path) -> tuple[dict, object
     save_adapter(unmerged, folder, config)
     merged = merge_and_unload(load_adapter(load_model(model_name).model, folder)).eval()
     reference = peft.PeftModel.from_pretrained(load_model(model_name).model, str(folder)).eval()
-    return {"peftlab merged": merged, "peftlab unmerged": unmerged, "peft unmerged": reference}, loaded.tokenizer
+    models = {"peftlab merged": merged, "peftlab unmerged": unmerged, "peft unmerged": reference,
+              "peft unmerged sorted": reference}
+    return models, loaded.tokenizer
 
 
 @torch.inference_mode()
-def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int]:
+def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                       sort: bool) -> tuple[list[str], int]:
     """transformers' ``generate`` on the peft model, encoded and cut at EOS as peftlab does."""
-    batch = encode_prompts(tokenizer, prompts, is_seq2seq=False, chat=True, max_length=512)
     stop = stop_ids(model, tokenizer)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                         eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-    texts, count = [], 0
-    for row in out[:, batch["input_ids"].shape[1]:].tolist():  # (B, T_new)
-        ended = [j for j, t in enumerate(row) if t in stop]
-        row = row[: ended[0] + 1] if ended else row
-        count += len(row)
-        texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    order = list(range(len(prompts)))
+    if sort:
+        lengths = [len(encode_prompts(tokenizer, [p], is_seq2seq=False, chat=True, max_length=512)["input_ids"][0])
+                   for p in prompts]
+        order.sort(key=lambda i: -lengths[i])
+    texts, count = [""] * len(prompts), 0
+    for i in range(0, len(order), batch_size):
+        members = order[i : i + batch_size]
+        batch = encode_prompts(tokenizer, [prompts[j] for j in members], is_seq2seq=False, chat=True, max_length=512)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                             eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+        for j, row in zip(members, out[:, batch["input_ids"].shape[1]:].tolist()):  # (B, T_new)
+            ended = [k for k, t in enumerate(row) if t in stop]
+            row = row[: ended[0] + 1] if ended else row
+            count += len(row)
+            texts[j] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return texts, count
 
 
-def run_side(side: str, model, tokenizer, prompts: list[str], max_new_tokens: int) -> tuple[list[str], int, float]:
+def run_side(side: str, model, tokenizer, prompts: list[str], max_new_tokens: int,
+             batch_size: int) -> tuple[list[str], int, float]:
     start = time.perf_counter()
-    if side == "peft unmerged":
-        texts, count = reference_generate(model, tokenizer, prompts, max_new_tokens)
+    if side.startswith("peft unmerged"):
+        texts, count = reference_generate(model, tokenizer, prompts, max_new_tokens, batch_size, side.endswith("sorted"))
     else:
         result = generate(model, tokenizer, prompts, is_seq2seq=False, chat=True, max_new_tokens=max_new_tokens,
-                          batch_size=len(prompts))
+                          batch_size=batch_size)
         texts, count = result.texts, result.new_tokens
     return texts, count, time.perf_counter() - start
 
@@ -97,6 +112,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=1, help="times each side generates all the prompts")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -107,16 +123,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         models, tokenizer = build_models(args.model, args.rank, Path(folder))
     for side in SIDES:  # warm-up, not timed
-        run_side(side, models[side], tokenizer, prompts[:2], 4)
+        run_side(side, models[side], tokenizer, prompts[:2], 4, args.batch_size)
 
     texts = {s: [] for s in SIDES}
     tokens = dict.fromkeys(SIDES, 0)
     seconds = dict.fromkeys(SIDES, 0.0)
-    for b, i in enumerate(range(0, len(prompts), args.batch_size)):
-        order = SIDES[b % 3 :] + SIDES[: b % 3]  # rotate who goes first
-        for side in order:
-            got, count, took = run_side(side, models[side], tokenizer, prompts[i : i + args.batch_size], args.max_new_tokens)
-            texts[side] += got
+    for r in range(args.rounds):
+        k = r % len(SIDES)
+        for side in SIDES[k:] + SIDES[:k]:  # rotate who goes first
+            got, count, took = run_side(side, models[side], tokenizer, prompts, args.max_new_tokens, args.batch_size)
+            texts[side] = got
             tokens[side] += count
             seconds[side] += took
 
@@ -126,11 +142,13 @@ def main() -> None:
         "merged = unmerged": sum(a == b for a, b in zip(texts["peftlab merged"], texts["peftlab unmerged"])),
         "unmerged = peft": sum(a == b for a, b in zip(texts["peftlab unmerged"], texts["peft unmerged"])),
         "merged = peft": sum(a == b for a, b in zip(texts["peftlab merged"], texts["peft unmerged"])),
+        "unmerged = peft length-sorted": sum(a == b for a, b in zip(texts["peftlab unmerged"], texts["peft unmerged sorted"])),
     }
     ratios = {
         "unmerged / merged": speed["peftlab unmerged"] / speed["peftlab merged"],
         "unmerged / peft": speed["peftlab unmerged"] / speed["peft unmerged"],
         "merged / peft": speed["peftlab merged"] / speed["peft unmerged"],
+        "unmerged / peft length-sorted": speed["peftlab unmerged"] / speed["peft unmerged sorted"],
     }
     print(f"model {args.model}, LoRA r={args.rank} on q,k,v,o, {n} DialogSum prompts, batch {args.batch_size}, "
           f"max {args.max_new_tokens} new tokens, {torch.get_num_threads()} threads")
@@ -147,7 +165,7 @@ def main() -> None:
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": args.model, "rank": args.rank, "prompts": n, "batch_size": args.batch_size,
-        "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(),
+        "max_new_tokens": args.max_new_tokens, "rounds": args.rounds, "threads": torch.get_num_threads(),
         "tokens": tokens, "seconds": seconds, "tokens_per_second": speed, "ratios": ratios, "identical_texts": same,
     }, indent=2) + "\n")
 

@@ -113,19 +113,26 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
-def encode_prompts(tokenizer, prompts: list[str], *, is_seq2seq: bool, chat: bool, max_length: int) -> dict[str, torch.Tensor]:
-    """A left-padded batch of prompts for generation (decoder-only) or a right-padded one (seq2seq)."""
-    rows = []
-    for text in prompts:
-        formatted = format_prompt(tokenizer, text, chat, is_seq2seq)
-        ids = tokenizer(formatted, add_special_tokens=is_seq2seq or not chat)["input_ids"]
-        rows.append(ids[-max_length:])
+def prompt_ids(tokenizer, text: str, *, is_seq2seq: bool, chat: bool, max_length: int) -> list[int]:
+    """The token ids a prompt is generated from: formatted as in training, its last ``max_length`` tokens."""
+    formatted = format_prompt(tokenizer, text, chat, is_seq2seq)
+    return tokenizer(formatted, add_special_tokens=is_seq2seq or not chat)["input_ids"][-max_length:]
+
+
+def pad_prompts(rows: list[list[int]], pad_id: int, *, is_seq2seq: bool) -> dict[str, torch.Tensor]:
+    """Prompt ids as one batch: left-padded for decoder-only models (every row's next token is then
+    generated at the same position), right-padded for seq2seq encoders."""
     width = max(len(r) for r in rows)
-    pad_id = tokenizer.pad_token_id
     if is_seq2seq:
         ids = [r + [pad_id] * (width - len(r)) for r in rows]
         mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
-    else:  # left padding, so every row's next token is generated at the same position
+    else:
         ids = [[pad_id] * (width - len(r)) + r for r in rows]
         mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
     return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+def encode_prompts(tokenizer, prompts: list[str], *, is_seq2seq: bool, chat: bool, max_length: int) -> dict[str, torch.Tensor]:
+    """A left-padded batch of prompts for generation (decoder-only) or a right-padded one (seq2seq)."""
+    rows = [prompt_ids(tokenizer, text, is_seq2seq=is_seq2seq, chat=chat, max_length=max_length) for text in prompts]
+    return pad_prompts(rows, tokenizer.pad_token_id, is_seq2seq=is_seq2seq)
