@@ -41,6 +41,7 @@ import torch
 from peftlab.data.encode import collate, encode_example, pack, real_tokens
 from peftlab.models import load_model
 from peftlab.training.loop import Optimization, micro_batches, train_step
+from peftlab.training.loss import CompletionLoss
 from peftlab.training.packing import packed_attention
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dialogsum" / "dev.jsonl"
@@ -112,7 +113,7 @@ class Side:
         if self.name.startswith("peftlab"):
             batch = pack(chosen)
             with packed_attention(self.model):
-                stats = train_step(self.model, [batch], self.optim, None, 1.0, False)
+                stats = train_step(CompletionLoss(self.model, False), [batch], self.optim, None, 1.0, False)
             loss, tokens = stats.loss, stats.tokens
         else:
             batch = self.collator([{"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids),

@@ -21,11 +21,12 @@ from peftlab.data.pipeline import Example, prepare
 from peftlab.errors import UserError
 from peftlab.outputs import check_output_path, write_atomic
 from peftlab.memory import peak_memory
-from peftlab.eval.generate import generate
+from peftlab.eval.generate import Generation, generate
 from peftlab.eval.score import score
 from peftlab.models import LoadedModel, load_for_inference
 from peftlab.peft import virtual_token_count
 from peftlab.progress import ProgressFactory, silent
+from peftlab.training.distributed import Distributed
 
 OUTPUT_FILES = ("predictions.jsonl", "metrics.json")
 
@@ -101,10 +102,13 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
     budget = config.max_length if loaded.context_length is None else min(config.max_length, loaded.context_length - config.max_new_tokens)
     budget -= virtual_token_count(loaded.model)  # a soft prompt / prefix takes positions too
     prompts = build_prompts(loaded.tokenizer, examples, shots, budget, chat, loaded.is_seq2seq)
+    dist = Distributed.current()  # under torchrun each rank generates for every world_size-th prompt
     generation = generate(
-        loaded.model, loaded.tokenizer, prompts.prompts, is_seq2seq=loaded.is_seq2seq, chat=chat,
+        loaded.model, loaded.tokenizer, dist.shard(prompts.prompts), is_seq2seq=loaded.is_seq2seq, chat=chat,
         max_new_tokens=config.max_new_tokens, max_length=budget, batch_size=config.batch_size, progress=progress,
     )
+    counts = dist.gather((generation.new_tokens, generation.seconds))
+    generation = Generation(dist.unshard(generation.texts), sum(c[0] for c in counts), max(c[1] for c in counts))
     references = [ex.completion for ex in examples]
     report = score(generation.texts, references, use_stemmer=config.use_stemmer, bootstrap=config.bootstrap)
 
@@ -130,7 +134,8 @@ def evaluate(config: EvalConfig, progress: ProgressFactory = silent, log: Callab
         json.dumps({"index": ex.index, "prompt": prompt, "reference": ref, "prediction": pred, "scores": scores})
         for ex, prompt, ref, pred, scores in zip(examples, prompts.prompts, references, generation.texts, report.per_example)
     ]
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    if dist.is_main:  # under torchrun rank 0 writes (every rank has the same results)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "predictions.jsonl", "\n".join(lines) + "\n")
+        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return EvalResult(metrics, out / "predictions.jsonl", out / "metrics.json", generation.texts)

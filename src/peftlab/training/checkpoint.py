@@ -4,7 +4,8 @@ A run folder holds ``run.json`` (resolved config, versions, model, parameter rep
 ``metrics.jsonl``, ``checkpoints/step-NNNNNN/`` and ``final/``. A checkpoint holds what resuming
 needs: the trainable weights (``weights.safetensors``: the whole model for full fine-tuning, the
 adapter only for PEFT), ``optimizer.pt`` (AdamW moments), ``rng.pt`` (Python, torch, CUDA RNG
-states) and ``state.json`` (step, data position, scheduler).
+states; under torchrun rank 0's, with every rank's under ``"ranks"``) and ``state.json`` (step, data
+position, scheduler). The files are the same whether one process or several (DDP, FSDP) trained.
 
 A checkpoint is written into a hidden ``.step-NNNNNN.tmp`` folder, fsynced (files, then the
 folder) and renamed into place, and the rename is fsynced: a ``step-*`` folder is complete, even
@@ -46,12 +47,27 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def ranks_rng_state(states: list[dict]) -> dict:
+    """What ``rng.pt`` holds: rank 0's state (all a one-process run has), and with several ranks each one's."""
+    return states[0] if len(states) == 1 else {**states[0], "ranks": states}
+
+
+def rank_rng_state(state: dict, rank: int) -> dict | None:
+    """The RNG state rank ``rank`` resumes with: its own; None when the checkpoint had fewer ranks (the rank
+    keeps its own seeded stream: dropout then draws other masks than an uninterrupted run would)."""
+    ranks = [{k: v for k, v in s.items() if k != "ranks"} for s in (state.get("ranks") or [state])]
+    return ranks[rank] if rank < len(ranks) else None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer, state: dict, keep: int) -> Path:
-    """Write ``step-NNNNNN`` whole, then delete all but the newest ``keep`` complete checkpoints."""
+def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer, state: dict, keep: int,
+                    rng: dict | None = None) -> Path:
+    """Write ``step-NNNNNN`` whole, then delete all but the newest ``keep`` complete checkpoints.
+
+    ``optimizer``: the optimizer or its state dict; ``rng``: the RNG states (default: this process's)."""
     folder.mkdir(parents=True, exist_ok=True)
     remove_leftovers(folder)
     target = folder / checkpoint_name(step)
@@ -59,8 +75,8 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], o
     tmp.mkdir()
     # clone: tied weights share storage, which safetensors refuses; contiguous for transposed views
     save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, tmp / "weights.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     write_json(tmp / "state.json", state)
     fsync_tree(tmp)
     if target.exists():  # the same step again (a resumed run re-saving it): the old one goes only now

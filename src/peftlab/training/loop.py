@@ -35,10 +35,15 @@ What can end a run, and what it leaves:
                        only) or, with ``--skip-nonfinite-steps``, skips it and counts it in ``run.json``
     out of memory      one line naming the options that need less memory
     a kill             the newest complete checkpoint (``checkpoint`` writes them whole) and ``--resume``
+
+Under torchrun (``--parallel ddp|fsdp``) every process runs this loop; ``training.distributed`` holds
+what differs: the wrapped model, each rank's share of a step's micro-batches, the sums over ranks,
+and rank 0 alone reading and writing the run folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -75,7 +80,8 @@ from peftlab.progress import ProgressFactory, silent
 from peftlab.tracking import Trackers, parse_report_to
 from peftlab.training import checkpoint as ckpt
 from peftlab.training import methods
-from peftlab.training.loss import completion_loss, plain_linear_head, target_count
+from peftlab.training.distributed import Distributed, OtherRankFailed, to_float
+from peftlab.training.loss import CompletionLoss, plain_linear_head, target_count
 from peftlab.training.packing import packed_attention, supports_packing
 from peftlab.training.regularize import Regularizer, make_regularizer
 
@@ -83,7 +89,7 @@ from peftlab.training.regularize import Regularizer, make_regularizer
 # (learning rate, schedule, steps, data, method options ...): resuming with it changed is refused.
 _RESUME_FREE = ("out", "resume", "resume_from", "overwrite", "device", "log_every", "eval_every", "eval_limit",
                 "save_every", "keep_checkpoints", "skip_nonfinite_steps", "report_to", "tracking_dir", "experiment", "run_name",
-                "gradient_checkpointing")
+                "gradient_checkpointing", "parallel")
 
 
 @dataclass
@@ -143,14 +149,16 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 @torch.no_grad()
 def validation_loss(model, examples: list[Encoded], batch_size: int, collate_fn: Callable[[list[Encoded]], dict],
-                    is_seq2seq: bool, device) -> float | None:
+                    device) -> float | None:
+    """Mean loss per completion token; ``model`` is a ``CompletionLoss`` (possibly wrapped by DDP or FSDP:
+    every rank computes the whole validation loss, so FSDP's ranks run the same forward passes)."""
     if not examples:
         return None
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        loss, n = completion_loss(model, to_device(collate_fn(examples[i : i + batch_size]), device), is_seq2seq)
+        loss, n = model(to_device(collate_fn(examples[i : i + batch_size]), device))
         total, count = total + loss.item(), count + n
     model.train(was_training)
     return total / max(count, 1)
@@ -169,28 +177,48 @@ class NonFiniteStep(UserError):
 
 
 def train(config: TrainConfig, progress: ProgressFactory = silent, log: Callable[[str], None] = lambda _: None) -> TrainResult:
-    """Fine-tune ``config.model`` on ``config.data``; see the module docstring."""
-    run = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=config.resume)
-    if config.resume:
-        check_resume(run, config, log)
-    try:
-        result = _train(config, run, progress, log)
-    except (torch.OutOfMemoryError, MemoryError):
-        run.abandon()
-        again = " (--overwrite to start this run again)" if run.final.is_dir() else ""
-        raise UserError(f"out of memory while training {config.model} on {config.device}: use a smaller --batch-size "
-                        f"(with a larger --grad-accum to keep the batch), a shorter --max-length, a PEFT method "
-                        f"(--method lora), --dtype bfloat16, or --quantize nf4{again}") from None
-    except BaseException:
-        run.abandon()
-        raise
-    run.commit()
+    """Fine-tune ``config.model`` on ``config.data``; see the module docstring. Under torchrun every process
+    calls this; only rank 0 logs, shows progress and writes the run folder."""
+    dist = Distributed.for_training(config.parallel)
+    if not dist.is_main:
+        progress, log = silent, lambda _: None
+    with dist.session(config.device) as device:
+        config = dataclasses.replace(config, device=device) if device != config.device else config
+        run = dist.on_main(lambda: _open_run(config, dist, log))
+        try:
+            result = _train(config, run, dist, progress, log)
+        except (torch.OutOfMemoryError, MemoryError):
+            if dist.is_main:
+                run.abandon()
+            again = " (--overwrite to start this run again)" if run.final.is_dir() else ""
+            raise UserError(f"out of memory while training {config.model} on {config.device}: use a smaller --batch-size "
+                            f"(with a larger --grad-accum to keep the batch), a shorter --max-length, a PEFT method "
+                            f"(--method lora), --dtype bfloat16, or --quantize nf4{again}") from None
+        except BaseException:
+            if dist.is_main:
+                run.abandon()
+            raise
+        dist.on_main(run.commit)
     result.run_dir = run.final
     result.final_dir = run.final / "final"
     return result
 
 
-def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None]) -> None:
+def _open_run(config: TrainConfig, dist: Distributed, log: Callable[[str], None]) -> RunFolder:
+    check_parallel(config, dist)
+    run = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=config.resume)
+    if config.resume:
+        check_resume(run, config, log, dist.world_size)
+    return run
+
+
+def check_parallel(config: TrainConfig, dist: Distributed) -> None:
+    """What ``--parallel fsdp`` cannot do, said before anything loads."""
+    if dist.mode == "fsdp" and config.regularize:
+        raise UserError(f"--regularize {config.regularize} anchors whole weights, which FSDP shards: use --parallel ddp")
+
+
+def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None], world_size: int = 1) -> None:
     """Refuse to resume a finished run, or with settings that change the result; warn about other versions."""
     marker = run.final / RUN_MARKER
     if not marker.exists():
@@ -205,7 +233,8 @@ def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None]
         steps = (info.get("result") or {}).get("steps")
         raise UserError(f"the run in {run.final} already finished ({steps} steps, model in {run.final / 'final'}); "
                         f"nothing to resume: use --overwrite to train it again, or a new --out")
-    ours, theirs = _result_settings(to_dict(config)), _result_settings(stored)
+    ours = _result_settings(to_dict(config), world_size)
+    theirs = _result_settings(stored, (info.get("distributed") or {}).get("world_size", 1))
     changed = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
@@ -218,11 +247,16 @@ def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None]
             f"the continued run may not match an uninterrupted one bit for bit")
 
 
-def _result_settings(config: dict) -> dict:
-    """The settings that change the trained weights, the learning rate resolved (no --lr: the method's default)."""
+def _result_settings(config: dict, world_size: int = 1) -> dict:
+    """The settings that change the trained weights, the learning rate resolved (no --lr: the method's default).
+
+    A step's micro-batches are ``--grad-accum`` x the processes: a resume may change the world size as
+    long as that product stays (2 processes with --grad-accum 2 resume as 4 with 1, or 1 with 4)."""
     settings = {k: v for k, v in config.items() if k not in _RESUME_FREE}
     if settings.get("lr") is None and settings.get("method") in method_table.METHODS:
         settings["lr"] = method_table.get(settings["method"]).default_lr
+    if "grad_accum" in settings:
+        settings["grad_accum x processes"] = settings.pop("grad_accum") * world_size
     return settings
 
 
@@ -231,7 +265,8 @@ def versions() -> dict[str, str]:
     return {"peftlab": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: Callable[[str], None]) -> TrainResult:
+def _train(config: TrainConfig, run: RunFolder, dist: Distributed, progress: ProgressFactory,
+           log: Callable[[str], None]) -> TrainResult:
     torch.manual_seed(config.seed)
     examples = prepare_data(config, log)
     setup = prepare_model(config, progress, log)
@@ -240,25 +275,55 @@ def _train(config: TrainConfig, run: RunFolder, progress: ProgressFactory, log: 
     batches = Batches(encode(examples.train), encode(examples.validation[: config.eval_limit]),
                       setup.tokenizer.pad_token_id, setup.is_seq2seq, setup.device, packed)
     regularizer = build_regularizer(config, setup.model, encode, batches, progress)
-    optim = build_optimizer(config, setup.model, total_steps(config, len(batches.train)))
-    state = restore(config, run.work / "checkpoints", setup.model, optim, len(batches.train), log,
+    # what a step calls: the loss as one module, so that DDP / FSDP see all of it (training.distributed)
+    setup.step_model = dist.wrap(CompletionLoss(setup.model, setup.is_seq2seq), shard_units=shard_units(setup.model))
+    dist.seed(config.seed)
+    optim = build_optimizer(config, setup.step_model, total_steps(config, len(batches.train), dist.world_size))
+    state = restore(config, run.work / "checkpoints", setup, optim, len(batches.train), log, dist,
                     lengths=batches.lengths() if config.group_by_length else None)
     info = run_info(config, setup, examples, batches, encode.chat, optim.total_steps)
-    with open_trackers(config, run) as trackers:
+    info["distributed"] = {"parallel": dist.mode, "world_size": dist.world_size}
+    with (open_trackers(config, run) if dist.is_main else Trackers([])) as trackers:
         info["tracking"] = {"report_to": list(parse_report_to(config.report_to)), "mlflow_run_id": trackers.mlflow_run_id}
-        write_json(run.work / RUN_MARKER, info)
-        with (MetricsLog(run.work, keep_lines=state.metrics_lines, trackers=trackers) as metrics, StopRequests() as stop,
-              packed_attention(setup.model, batches.packed), autocast(config, setup.device)):
-            train_loop(config, state, setup.model, batches, optim, regularizer, run.work / "checkpoints", metrics,
-                       progress, stop)
-            if stop.signum is not None:
-                raise _interrupted(run, state, optim, stop.signum)
-            eval_loss = batches.validation_loss(setup.model, config.batch_size)
+        if dist.is_main:
+            write_json(run.work / RUN_MARKER, info)
+        with (MetricsLog(run.work, keep_lines=state.metrics_lines, trackers=trackers, write=dist.is_main) as metrics,
+              StopRequests() as stop, packed_attention(setup.model, batches.packed), autocast(config, setup.device)):
+            train_loop(config, state, setup.step_model, batches, optim, regularizer, run.work / "checkpoints", metrics,
+                       progress, stop, dist, setup)
+            if stop.signum is not None:  # rank 0 says how to resume; the others leave with the same exit code
+                raise (_interrupted(run, state, optim, stop.signum) if dist.is_main
+                       else OtherRankFailed("stopped by a signal", 128 + stop.signum))
+            eval_loss = batches.validation_loss(setup.step_model, config.batch_size)
             if eval_loss is not None:
                 metrics.write({"step": state.step, "eval_loss": eval_loss})
-        result = finish(config, run.work, state, setup, info, eval_loss)
-        trackers.log_metrics({f"final/{k}": v for k, v in info["result"].items() if k != "peak_memory"}, state.step)
+        weights = dist.trainable_state(setup.step_model, setup.model, CompletionLoss.PREFIX)
+        result = dist.on_main(lambda: finish(config, run.work, state, setup, info, eval_loss,
+                                             final_model(config, setup, weights, dist)))
+        if dist.is_main:  # finish filled in info["result"] there
+            trackers.log_metrics({f"final/{k}": v for k, v in info["result"].items() if k != "peak_memory"}, state.step)
     return result
+
+
+def shard_units(model: torch.nn.Module) -> tuple[str, ...]:
+    """The classes FSDP shards as one unit each: the transformer blocks (transformers' ``_no_split_modules``)."""
+    for m in model.modules():
+        names = getattr(m, "_no_split_modules", None)
+        if names:
+            return tuple(names)
+    return ()
+
+
+def final_model(config: TrainConfig, setup: ModelSetup, weights: dict[str, torch.Tensor], dist: Distributed) -> torch.nn.Module:
+    """The model ``final/`` is saved from: the trained one, or under FSDP (whose modules hold shards) a plain
+    copy built on rank 0's CPU as the run built it, with the trained weights gathered from the ranks."""
+    if dist.mode != "fsdp":
+        return setup.model
+    loaded = load_model(config.model, dtype=config.dtype, device="cpu", quantize=setup.method.base_quantization(config),
+                        compute_dtype=config.compute_dtype)
+    model = setup.method.prepare(loaded, config)
+    methods.load_trainable_state(model, weights)
+    return model
 
 
 def open_trackers(config: TrainConfig, run: RunFolder) -> Trackers:
@@ -325,6 +390,7 @@ class ModelSetup:
     method: Any  # methods.get(config.method): prepare / save_final
     report: ParameterReport
     device: torch.device
+    step_model: torch.nn.Module | None = None  # what a training step calls: CompletionLoss(model), wrapped by DDP / FSDP
 
     @property
     def tokenizer(self):
@@ -428,7 +494,7 @@ class Batches:
         return [len(e.input_ids) + (len(e.labels) if self.is_seq2seq else 0) for e in self.train]
 
     def validation_loss(self, model, batch_size: int) -> float | None:
-        return validation_loss(model, self.validation, batch_size, self._collate, self.is_seq2seq, self.device)
+        return validation_loss(model, self.validation, batch_size, self._collate, self.device)
 
 
 def build_regularizer(config: TrainConfig, model, encode: Encoder, batches: Batches,
@@ -447,9 +513,10 @@ def build_regularizer(config: TrainConfig, model, encode: Encoder, batches: Batc
 # --- optimisation
 
 
-def total_steps(config: TrainConfig, n_train: int) -> int:
-    """``--max-steps``, or the optimizer steps of ``--epochs`` passes over ``n_train`` examples."""
-    steps_per_epoch = math.ceil(math.ceil(n_train / config.batch_size) / config.grad_accum)
+def total_steps(config: TrainConfig, n_train: int, world_size: int = 1) -> int:
+    """``--max-steps``, or the optimizer steps of ``--epochs`` passes over ``n_train`` examples (a step takes
+    ``--grad-accum`` micro-batches on each of the ``world_size`` processes)."""
+    steps_per_epoch = math.ceil(math.ceil(n_train / config.batch_size) / (config.grad_accum * world_size))
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
@@ -540,39 +607,58 @@ class TrainState:
         return self.earlier_seconds + time.perf_counter() - self.start
 
 
-def restore(config: TrainConfig, checkpoints: Path, model, optim: Optimization, n_train: int,
-            log: Callable[[str], None], lengths: list[int] | None = None) -> TrainState:
+def restore(config: TrainConfig, checkpoints: Path, setup: ModelSetup, optim: Optimization, n_train: int,
+            log: Callable[[str], None], dist: Distributed | None = None, lengths: list[int] | None = None) -> TrainState:
     """Step 0 at the start of the data order, or with ``--resume`` a checkpoint's weights, optimizer
-    moments, schedule, RNG states, data position and counters (the newest complete one, or ``--resume PATH``)."""
+    moments, schedule, RNG states, data position and counters (the newest complete one, or ``--resume PATH``).
+    Rank 0 reads the checkpoint and sends it to the other ranks."""
+    dist = dist or Distributed()
     fresh = TrainState(0, DataOrder(n_train, config.batch_size, config.seed, lengths=lengths))
     if not config.resume:
         return fresh
+    found = dist.on_main(lambda: _read_checkpoint(config, checkpoints, setup.model, log))
+    if found is None:
+        return fresh
+    chosen, weights, opt_state, rng, saved = found
+    dist.load_trainable_state(setup.step_model, CompletionLoss.PREFIX, weights,
+                              lambda w: methods.load_trainable_state(setup.model, w))
+    try:
+        dist.load_optimizer_state(setup.step_model, optim.optimizer, opt_state)
+    except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
+        raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
+                        f"--weight-decay or start a new run") from None
+    optim.scheduler.load_state_dict(saved["scheduler"])
+    own_rng = ckpt.rank_rng_state(rng, dist.rank)
+    if own_rng is not None:
+        ckpt.set_rng_state(own_rng)
+    which = "as given" if config.resume_from else "the newest complete checkpoint"
+    log(f"resuming from {chosen} ({which}): step {saved['step']} of {optim.total_steps}")
+    dist.on_main(lambda: _tidy_checkpoints(config, checkpoints, saved["step"], log))
+    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"], lengths),
+                      seen_tokens=saved.get("tokens", 0), recent=saved.get("recent", []),
+                      skipped=saved.get("skipped_steps", 0), metrics_lines=saved.get("metrics_lines"),
+                      earlier_seconds=saved.get("elapsed_s", 0.0))
+
+
+def _read_checkpoint(config: TrainConfig, checkpoints: Path, model, log: Callable[[str], None]) -> tuple | None:
+    """(folder, weights, optimizer state, RNG states, trainer state) of the checkpoint to resume from; None: none yet."""
     if checkpoints.is_dir():
         ckpt.remove_leftovers(checkpoints)
     chosen = _chosen_checkpoint(config, checkpoints)
     if chosen is None:
         log("no checkpoint yet: starting from step 0")
-        return fresh
+        return None
     weights, opt_state, rng, saved = ckpt.load_checkpoint(chosen)
-    methods.load_trainable_state(model, weights)
-    try:
-        optim.optimizer.load_state_dict(opt_state)
-    except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
-        raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
-                        f"--weight-decay or start a new run") from None
-    optim.scheduler.load_state_dict(saved["scheduler"])
-    ckpt.set_rng_state(rng)
-    which = "as given" if config.resume_from else "the newest complete checkpoint"
-    log(f"resuming from {chosen} ({which}): step {saved['step']} of {optim.total_steps}")
+    methods.check_trainable_names(model, weights)
+    return chosen, weights, opt_state, rng, saved
+
+
+def _tidy_checkpoints(config: TrainConfig, checkpoints: Path, step: int, log: Callable[[str], None]) -> None:
     if checkpoints.is_dir():
-        dropped = ckpt.drop_after(checkpoints, saved["step"])
+        dropped = ckpt.drop_after(checkpoints, step)
         if dropped:
             log(f"deleted the later checkpoints {', '.join(dropped)}: the resumed run writes them again")
         ckpt.prune(checkpoints, config.keep_checkpoints)  # a kill may have come before the last save's deletions
-    return TrainState(saved["step"], DataOrder(n_train, config.batch_size, config.seed, saved["epoch"], saved["next_micro"], lengths),
-                      seen_tokens=saved.get("tokens", 0), recent=saved.get("recent", []),
-                      skipped=saved.get("skipped_steps", 0), metrics_lines=saved.get("metrics_lines"),
-                      earlier_seconds=saved.get("elapsed_s", 0.0))
 
 
 def _chosen_checkpoint(config: TrainConfig, checkpoints: Path) -> Path | None:
@@ -586,20 +672,29 @@ def _chosen_checkpoint(config: TrainConfig, checkpoints: Path) -> Path | None:
     raise UserError(f"--resume {config.resume_from}: no such checkpoint folder; this run's checkpoints: {names or 'none'}")
 
 
-def save_checkpoint(config: TrainConfig, checkpoints: Path, state: TrainState, model, optim: Optimization,
-                    metrics: MetricsLog) -> None:
-    check_finite_weights(model, state.step, checkpoints)
+def save_checkpoint(config: TrainConfig, checkpoints: Path, state: TrainState, setup: ModelSetup, optim: Optimization,
+                    metrics: MetricsLog, dist: Distributed | None = None) -> None:
+    """The trainable weights, optimizer state (both gathered whole under FSDP) and every rank's RNG state, written by rank 0."""
+    dist = dist or Distributed()
+    weights = dist.trainable_state(setup.step_model, setup.model, CompletionLoss.PREFIX)
+    opt_state = dist.optimizer_state(setup.step_model, optim.optimizer)
+    rngs = dist.gather(ckpt.rng_state())
     position = {"step": state.step, "epoch": state.order.epoch, "next_micro": state.order.next_micro,
                 "scheduler": optim.scheduler.state_dict(), "total_steps": optim.total_steps,
                 "tokens": state.seen_tokens, "recent": state.recent, "skipped_steps": state.skipped,
                 "metrics_lines": metrics.lines, "elapsed_s": state.elapsed}
-    ckpt.save_checkpoint(checkpoints, state.step, methods.trainable_state(model), optim.optimizer, position,
-                         keep=config.keep_checkpoints)
+
+    def write() -> None:
+        check_finite_weights(weights, state.step, checkpoints)
+        ckpt.save_checkpoint(checkpoints, state.step, weights, opt_state, position, keep=config.keep_checkpoints,
+                             rng=ckpt.ranks_rng_state(rngs))
+
+    dist.on_main(write)
 
 
-def check_finite_weights(model, step: int, checkpoints: Path) -> None:
+def check_finite_weights(weights: dict[str, torch.Tensor], step: int, checkpoints: Path) -> None:
     """Nothing non-finite is ever saved (huge learning rates can overflow weights even from finite gradients)."""
-    for name, p in methods.trainable_state(model).items():
+    for name, p in weights.items():
         if not torch.isfinite(p).all():
             raise NonFiniteStep(f"step {step}: weight {name} is no longer finite, not saved; {_divergence_advice(checkpoints)}")
 
@@ -623,13 +718,16 @@ class MetricsLog:
     file is closed however the run ends.
     """
 
-    def __init__(self, folder: Path, keep_lines: int | None = 0, trackers: Trackers | None = None) -> None:
+    def __init__(self, folder: Path, keep_lines: int | None = 0, trackers: Trackers | None = None, write: bool = True) -> None:
         self.folder = folder
         self.keep_lines = keep_lines
         self.trackers = trackers or Trackers([])
         self.lines = 0  # lines in metrics.jsonl: what a checkpoint records
+        self.enabled = write  # False on ranks other than 0: they record nothing
 
     def __enter__(self) -> MetricsLog:
+        if not self.enabled:
+            return self
         path = self.folder / "metrics.jsonl"
         kept = path.read_text().split("\n")[:-1] if path.exists() else []  # complete lines only
         if self.keep_lines is not None and path.exists():
@@ -640,13 +738,16 @@ class MetricsLog:
         return self
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         self.lines += 1
         self.trackers.log_metrics(record, record["step"])
 
     def __exit__(self, *exc) -> None:
-        self._file.close()
+        if self.enabled:
+            self._file.close()
 
 
 class StopRequests:
@@ -697,30 +798,36 @@ class StepStats:
 
 
 def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization, regularizer: Regularizer | None,
-               max_grad_norm: float | None, is_seq2seq: bool) -> StepStats:
-    """One optimizer step over ``micro`` (``--grad-accum`` micro-batches), then one step of the schedule.
+               max_grad_norm: float | None, is_seq2seq: bool, dist: Distributed | None = None) -> StepStats:
+    """One optimizer step over ``micro`` (this process's ``--grad-accum`` micro-batches), then one step of the schedule.
 
-    Each micro-batch's summed loss is divided by the completion tokens of the whole step, so the
-    accumulated gradient is that of the mean over the step, as one big batch would give. A step
-    whose loss or gradient norm is not finite leaves the weights and optimizer moments as they
-    were (its gradients are dropped); the caller decides whether the run goes on.
+    ``model`` is a ``CompletionLoss`` (under torchrun wrapped by DDP or FSDP). Each micro-batch's summed
+    loss is divided by the completion tokens of the whole step, over all processes, so the accumulated
+    gradient is that of the mean over the step, as one big batch would give (``training.distributed``
+    says why the loss is also multiplied by ``dist.grad_scale``). A step whose loss or gradient norm is
+    not finite leaves the weights and optimizer moments as they were (its gradients are dropped); the
+    caller decides whether the run goes on.
     """
+    dist = dist or Distributed()
     optim.optimizer.zero_grad(set_to_none=True)
-    n_tokens = sum(target_count(b["labels"], is_seq2seq) for b in micro)
-    loss_sum, tokens = 0.0, 0
-    for b in micro:
-        loss, _ = completion_loss(model, b, is_seq2seq)
-        (loss / max(n_tokens, 1)).backward()
+    local_tokens = sum(target_count(b["labels"], is_seq2seq) for b in micro)
+    tokens = sum(real_tokens(b) + (int((b["labels"] != -100).sum()) if is_seq2seq else 0) for b in micro)
+    n_tokens, tokens = (int(v) for v in dist.all_sum(local_tokens, tokens))
+    loss_sum = 0.0
+    for i, b in enumerate(micro):
+        with dist.accumulating(model, sync=i == len(micro) - 1):
+            loss, _ = model(b)
+            (loss * dist.grad_scale / max(n_tokens, 1) if dist.active else loss / max(n_tokens, 1)).backward()
         loss_sum += loss.item()
-        tokens += real_tokens(b) + (int((b["labels"] != -100).sum()) if is_seq2seq else 0)
+    (loss_sum,) = dist.all_sum(loss_sum)
     penalty = None
-    if regularizer is not None:  # once per step: the same as adding it to the step's loss
-        penalty = regularizer.penalty(model)
+    if regularizer is not None:  # once per step: the same as adding it to the step's loss (identical on every rank)
+        penalty = regularizer.penalty(getattr(model, "module", model).model)  # the model inside DDP and CompletionLoss
         penalty.backward()
     grads = [p.grad for p in optim.params if p.grad is not None]
     grad_norm = (torch.nn.utils.clip_grad_norm_(optim.params, max_grad_norm) if max_grad_norm
                  else torch.nn.utils.get_total_norm(grads))
-    stats = StepStats(loss_sum / max(n_tokens, 1), n_tokens, tokens, float(grad_norm),
+    stats = StepStats(loss_sum / max(n_tokens, 1), n_tokens, tokens, to_float(grad_norm),
                       penalty.item() if penalty is not None else None)
     if stats.finite:
         optim.optimizer.step()
@@ -732,18 +839,23 @@ def train_step(model, micro: list[dict[str, torch.Tensor]], optim: Optimization,
 
 def train_loop(config: TrainConfig, state: TrainState, model, batches: Batches, optim: Optimization,
                regularizer: Regularizer | None, checkpoints: Path, metrics: MetricsLog, progress: ProgressFactory,
-               stop: StopRequests) -> None:
+               stop: StopRequests, dist: Distributed, setup: ModelSetup) -> None:
     """Optimizer steps until ``total_steps`` or a stop request; metrics every ``--log-every``, a validation
     loss every ``--eval-every`` (the last step's is the caller's), a checkpoint every ``--save-every``
-    steps, at the last step and at a stop request."""
+    steps, at the last step and at a stop request (any rank's: the ranks agree on it after each step).
+
+    A step takes ``--grad-accum x world size`` micro-batches from the data order, the same on every
+    rank; each rank trains on its own block of them."""
     bar = progress("training", optim.total_steps, "step")
     bar.update(state.step)
     try:
         model.train()
         state.start = time.perf_counter()
         while state.step < optim.total_steps:
-            micro = [batches.collate([batches.train[j] for j in state.order.take()]) for _ in range(config.grad_accum)]
-            stats = train_step(model, micro, optim, regularizer, config.max_grad_norm, batches.is_seq2seq)
+            step_micro = [state.order.take() for _ in range(config.grad_accum * dist.world_size)]
+            micro = [batches.collate([batches.train[j] for j in indices])
+                     for indices in dist.micro_share(step_micro, config.grad_accum)]
+            stats = train_step(model, micro, optim, regularizer, config.max_grad_norm, batches.is_seq2seq, dist)
             count_step(config, state, stats, checkpoints)
             last = state.step == optim.total_steps
             if state.step % config.log_every == 0 or last:
@@ -751,9 +863,12 @@ def train_loop(config: TrainConfig, state: TrainState, model, batches: Batches, 
             if config.eval_every and state.step % config.eval_every == 0 and not last:
                 metrics.write({"step": state.step, "eval_loss": batches.validation_loss(model, config.batch_size)})
             bar.update(1, loss=f"{stats.loss:.4f}", tok_per_s=f"{state.seen_tokens / state.elapsed:.0f}")
-            if (config.save_every and state.step % config.save_every == 0) or last or stop.signum is not None:
-                save_checkpoint(config, checkpoints, state, model, optim, metrics)
-            if stop.signum is not None:
+            stopping = dist.any(stop.signum is not None)
+            if stopping and stop.signum is None:  # another rank's signal: this one stops with it
+                stop.signum = signal.SIGTERM
+            if (config.save_every and state.step % config.save_every == 0) or last or stopping:
+                save_checkpoint(config, checkpoints, state, setup, optim, metrics, dist)
+            if stopping:
                 break
     finally:  # closed before an error's message, which must be the last line
         bar.close()
@@ -805,12 +920,14 @@ def run_info(config: TrainConfig, setup: ModelSetup, examples: Examples, batches
 
 
 def finish(config: TrainConfig, work: Path, state: TrainState, setup: ModelSetup, info: dict,
-           eval_loss: float | None) -> TrainResult:
-    """The final model (or adapter) in ``final/``, whole or not at all, and ``run.json`` with the result."""
-    check_finite_weights(setup.model, state.step, work / "checkpoints")
+           eval_loss: float | None, model: torch.nn.Module | None = None) -> TrainResult:
+    """The final model (or adapter) in ``final/``, whole or not at all, and ``run.json`` with the result.
+    ``model``: what to save, when not ``setup.model`` (FSDP's plain copy, see ``final_model``)."""
+    model = setup.model if model is None else model
+    check_finite_weights(methods.trainable_state(model), state.step, work / "checkpoints")
     staging = work / ".final.tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    setup.method.save_final(setup.model, setup.tokenizer, staging, setup.loaded, config)
+    setup.method.save_final(model, setup.tokenizer, staging, setup.loaded, config)
     seconds = state.elapsed
     train_loss = sum(state.recent) / len(state.recent) if state.recent else None
     tokens_per_second = state.seen_tokens / seconds if seconds else 0.0

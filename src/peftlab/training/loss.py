@@ -124,3 +124,23 @@ def completion_loss(model, batch: dict[str, torch.Tensor], is_seq2seq: bool) -> 
         targets = labels[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((targets != IGNORE_INDEX).sum())
+
+
+class CompletionLoss(torch.nn.Module):
+    """``completion_loss`` as a module: ``forward(batch) -> (summed loss, completion tokens)``.
+
+    The training step calls the model through this, so that a wrapper around it (DDP, FSDP2's root
+    unit) sees the whole computation, the output head applied apart included: DDP's gradient hooks and
+    FSDP's gathering of the root's parameters (embeddings, final norm, head) run on each call. Alone
+    it adds nothing, parameter names gain the prefix ``model.``.
+    """
+
+    PREFIX = "model."
+
+    def __init__(self, model: torch.nn.Module, is_seq2seq: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.is_seq2seq = is_seq2seq
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return completion_loss(self.model, batch, self.is_seq2seq)

@@ -118,11 +118,16 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trainable_state(model, weights: dict[str, torch.Tensor]) -> None:
+def check_trainable_names(model, weights: dict[str, torch.Tensor]) -> None:
+    """A checkpoint's weights are exactly the model's trainable parameters."""
     expected = set(trainable_state(model))
     if set(weights) != expected:
         missing, extra = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise UserError(f"checkpoint does not fit this run's model (missing {missing[:3]}, unexpected {extra[:3]}); start a new run")
+
+
+def load_trainable_state(model, weights: dict[str, torch.Tensor]) -> None:
+    check_trainable_names(model, weights)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():

@@ -34,6 +34,7 @@ from peftlab.eval.harness.tasks import DEFAULT_FEWSHOT_SEED, FewshotSampler, Tas
 from peftlab.models import LoadedModel, load_for_inference
 from peftlab.outputs import write_atomic
 from peftlab.progress import ProgressFactory, silent
+from peftlab.training.distributed import Distributed
 
 Perturb = Callable[[dict, int], dict]
 """``(document, index) -> perturbed copy``: changes what the question of a prompt says."""
@@ -195,7 +196,12 @@ def evaluate_task(loaded: LoadedModel, task: Task, *, num_fewshot: int | None = 
     start = time.perf_counter()
     specs = _metric_specs(task)
     prompts = build_prompts(task, num_fewshot=num_fewshot, limit=limit, seed=fewshot_seed, perturb=perturb, chat=chat)
-    items, main, generated, gen_seconds = _score(loaded, task, prompts, specs, batch_size, max_gen_toks, progress)
+    # under torchrun (peftlab harness) each rank scores every world_size-th prompt; all ranks get all items back
+    dist = Distributed.current()
+    items, main, generated, gen_seconds = _score(loaded, task, dist.shard(prompts), specs, batch_size, max_gen_toks, progress)
+    items = dist.unshard(items)
+    counts = dist.gather((generated, gen_seconds))
+    generated, gen_seconds = sum(c[0] for c in counts), max(c[1] for c in counts)
     corpus = _choice_pairs if task.is_multiple_choice else _generation_pairs
     values: dict[str, float] = {}
     stderr: dict[str, float] = {}
