@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +26,8 @@ from peftlab.config import (
     MergeConfig,
     ReportConfig,
     ScoreConfig,
+    ServeConfig,
+    ChatConfig,
     SweepConfig,
     TemplatesConfig,
     TrainConfig,
@@ -37,6 +41,7 @@ from peftlab.models import load_for_inference
 from peftlab.outputs import RunFolder, check_output_path, write_atomic
 from peftlab.progress import ProgressFactory, silent
 from peftlab.training.loop import TrainResult
+from peftlab.training.distributed import env_rank
 from peftlab.training.loop import train as _train
 
 Log = Callable[[str], None]
@@ -54,8 +59,20 @@ def train(config: TrainConfig | None = None, *, progress: ProgressFactory = sile
 
 
 def evaluate(config: EvalConfig | None = None, *, progress: ProgressFactory = silent, log: Log = lambda _: None, **options) -> _evaluate.EvalResult:
-    """Generate on a split and score it (``peftlab eval``)."""
-    return _evaluate.evaluate(_config(EvalConfig, config, options), progress=progress, log=log)
+    """Generate on a split and score it (``peftlab eval``); under torchrun the examples are split over the ranks."""
+    config = _config(EvalConfig, config, options)
+    with _evaluation_session(config) as config:
+        return _evaluate.evaluate(config, progress=progress, log=log)
+
+
+@contextlib.contextmanager
+def _evaluation_session(config):
+    """Under torchrun with several processes: the process group, and ``config`` on this rank's device."""
+    from peftlab.training.distributed import Distributed
+
+    dist = Distributed.for_evaluation()
+    with dist.session(config.device) as device:
+        yield dataclasses.replace(config, device=device) if device != config.device else config
 
 
 def generate(config: GenerateConfig | None = None, *, progress: ProgressFactory = silent, **options) -> list[str]:
@@ -211,8 +228,9 @@ def harness(config: HarnessConfig | None = None, *, progress: ProgressFactory = 
     config = _config(HarnessConfig, config, options)
     if config.out:
         check_output_path(config.out, "--out", _harness_inputs(config), writes=("results.json",))
-    result = run_harness_config(config, progress=progress)
-    if config.out:
+    with _evaluation_session(config) as config:  # under torchrun: each task's items split over the ranks
+        result = run_harness_config(config, progress=progress)
+    if config.out and env_rank() == 0:
         write_results(result, Path(config.out) / "results.json")
     return result
 
@@ -238,3 +256,76 @@ def demo(config: DemoConfig | None = None, *, log: Log = lambda _: None, **optio
     A ``peftlab compare`` with small, fixed settings: rerunning it reuses what already finished.
     """
     return compare(_config(DemoConfig, config, options).compare_config(), log=log)
+
+
+# ----------------------------------------------------------------------------------------------
+# Serving (peftlab serve, peftlab chat)
+
+
+def serve(config: ServeConfig | None = None, *, progress: ProgressFactory = silent, log: Log = lambda _: None,
+          **options) -> None:
+    """Serve the model and its adapters over the OpenAI API until interrupted (``peftlab serve``)."""
+    config = _config(ServeConfig, config, options)
+    try:
+        from peftlab.serve.server import Server, build, check
+    except ImportError as e:
+        raise UserError(f"peftlab serve needs {e.name}: pip install 'peftlab[serve]'") from None
+
+    check(config)  # a mistake in the flags fails before the port is taken
+    server = Server(config.host, config.port)  # a busy port fails before the model loads
+    try:
+        engine, app = build(config, progress=progress)
+    except BaseException:
+        server.socket.close()
+        raise
+    try:
+        names = ", ".join([config.name or config.model, *engine.served()])
+        log(f"serving {names} at {server.url}/v1 (OpenAI API; Ctrl-C stops)")
+        server.run(app)
+    finally:
+        engine.stop()
+
+
+def chat(config: ChatConfig | None = None, *, ask: Callable[[], str | None], show: Callable[[str, bool], None],
+         progress: ProgressFactory = silent, **options) -> None:
+    """A conversation through the serving engine (``peftlab chat``): ``ask()`` gives the user's turns (None
+    ends it) and ``show(text, finished)`` receives the answer as it is generated."""
+    import threading
+
+    from peftlab.models import load_model
+    from peftlab.serve.engine import BASE, Engine, Request, Sampling, chat_prompt_ids
+
+    config = _config(ChatConfig, config, options)
+    named = {"adapter": Path(config.adapter)} if config.adapter else {}
+    if config.adapter:
+        from peftlab.peft.formats import read_adapter_config
+
+        read_adapter_config(config.adapter)  # a wrong folder fails before the model loads
+    loaded = load_model(config.model, dtype=config.dtype, device=config.device, progress=progress)
+    if not getattr(loaded.tokenizer, "chat_template", None):
+        raise UserError(f"{config.model} has no chat template: use peftlab generate --prompt TEXT for a plain completion")
+    engine = Engine(loaded, named, max_adapters=1, max_batch=1, max_queue=1, trust_pickle=config.trust_pickle)
+    engine.start()
+    messages = [{"role": "system", "content": config.system}] if config.system else []
+    try:
+        while (line := ask()) is not None:
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line})
+            done = threading.Event()
+
+            def on_event(text: str, finish: str | None) -> None:
+                show(text, finish is not None)
+                if finish is not None:
+                    done.set()
+
+            sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature, top_p=config.top_p,
+                                seed=config.seed)
+            request = Request("adapter" if named else BASE, chat_prompt_ids(loaded.tokenizer, messages), sampling, on_event)
+            engine.submit(request)
+            done.wait()
+            if request.finish_reason.startswith("error"):
+                raise UserError(f"the engine failed: {request.finish_reason.removeprefix('error: ')}")
+            messages.append({"role": "assistant", "content": request.text})
+    finally:
+        engine.stop()

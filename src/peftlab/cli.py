@@ -36,6 +36,8 @@ from peftlab.config import (
     TemplatesConfig,
     ReportConfig,
     ScoreConfig,
+    ServeConfig,
+    ChatConfig,
     SweepConfig,
     TrainConfig,
     build,
@@ -44,6 +46,7 @@ from peftlab.config import (
     read_recipe,
 )
 from peftlab.errors import UserError
+from peftlab.training.distributed import OtherRankFailed, env_rank
 
 # ----------------------------------------------------------------------------------------------
 # Presentation helpers
@@ -64,12 +67,18 @@ class _TqdmBar:
         self.bar.close()
 
 
-def progress(description: str, total: int | None, unit: str = "it") -> _TqdmBar:
+def progress(description: str, total: int | None, unit: str = "it"):
+    """A progress bar on stderr; under torchrun only rank 0 shows one (the others' is silent)."""
+    if env_rank() != 0:
+        from peftlab.progress import silent
+
+        return silent(description, total, unit)
     return _TqdmBar(description, total, unit)
 
 
 def say(message: str) -> None:
-    print(message, flush=True)
+    if env_rank() == 0:  # under torchrun only rank 0 speaks
+        print(message, flush=True)
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -222,6 +231,24 @@ def cmd_forgetting(config: ForgettingConfig) -> None:
     say(f"results: {Path(config.out) / 'forgetting.json'}")
 
 
+def cmd_serve(config: ServeConfig) -> None:
+    api.serve(config, progress=progress, log=say)
+
+
+def cmd_chat(config: ChatConfig) -> None:
+    def ask() -> str | None:
+        try:
+            return input("you> ")
+        except EOFError:
+            return None
+
+    def show(text: str, finished: bool) -> None:
+        print(text, end="\n" if finished else "", flush=True)
+
+    say(f"chatting with {config.adapter or config.model}; an empty line is skipped, Ctrl-D ends")
+    api.chat(config, ask=ask, show=show, progress=progress)
+
+
 COMMANDS: dict[str, tuple[type, Callable]] = {
     "demo": (DemoConfig, cmd_demo),
     "train": (TrainConfig, cmd_train),
@@ -238,6 +265,8 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "harness": (HarnessConfig, cmd_harness),
     "holistic": (HolisticConfig, cmd_holistic),
     "forgetting": (ForgettingConfig, cmd_forgetting),
+    "serve": (ServeConfig, cmd_serve),
+    "chat": (ChatConfig, cmd_chat),
 }
 
 
@@ -336,11 +365,17 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening; transformers' would interleave
+    parsed = False
     try:
         config, run = parse(argv)
+        parsed = True
         run(config)
     except UserError as e:  # exit code 128 + N: training stopped cleanly on signal N (SIGINT 130, SIGTERM 143)
-        sys.stderr.write(f"peftlab: {'' if e.exit_code > 128 else 'error: '}{e}\n")
+        # under torchrun rank 0 speaks for all (a mistake in the command, met by every rank alike); another rank
+        # only says what happened to it alone (out of memory on its device)
+        if env_rank() == 0 or (parsed and not isinstance(e, OtherRankFailed)):
+            where = f" (rank {env_rank()})" if env_rank() else ""
+            sys.stderr.write(f"peftlab{where}: {'' if e.exit_code > 128 else 'error: '}{e}\n")
         return e.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("peftlab: interrupted\n")

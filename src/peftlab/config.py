@@ -170,6 +170,11 @@ class TrainConfig:
                                         "and CPUs with AVX512-BF16 or AMX only).", choices=("bfloat16",))
     dtype: str = dtype_option()
     device: str = device_option()
+    # --- several processes (peftlab.training.distributed): launched by torchrun --nproc_per_node=N -m peftlab train ...
+    parallel: str | None = option(None, "Under torchrun: ddp (each process holds the whole model, gradients averaged) or "
+                                        "fsdp (parameters, gradients and optimizer states sharded per decoder layer, "
+                                        "FSDP2). Default: ddp when torchrun started several processes. The global batch "
+                                        "is --batch-size x --grad-accum x processes.", choices=("ddp", "fsdp"))
     resume: bool = option(False, "Continue the run in --out from its newest complete checkpoint (--resume PATH: from "
                                  "that checkpoint folder).")
     resume_from: str | None = option(None, "Continue the run in --out from this checkpoint folder (implies --resume).")
@@ -520,6 +525,65 @@ class DemoConfig:
         same = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if f.name not in ("train_examples", "test_examples")}
         return CompareConfig(**same, train_limit=self.train_examples, test_limit=self.test_examples, latency_examples=0)
+
+
+@dataclass
+class ServeConfig:
+    """``peftlab serve``: an OpenAI-compatible HTTP server for a base model and its adapters, in mixed batches."""
+
+    model: str = option(REQUIRED, "Base model: a local HF folder, a hub id, a .gguf file or an alias (decoder-only).")
+    adapter: list[str] = option([], "An adapter to serve as NAME=DIR (its requests send \"model\": NAME).")
+    host: str = option("127.0.0.1", "Address to bind: 127.0.0.1 serves this machine only; 0.0.0.0 every network "
+                                    "(then set --api-key-env).")
+    port: int = option(8000, "TCP port to listen on (0: any free port).")
+    api_key_env: str | None = option(None, "Name of an environment variable holding the API key that clients must "
+                                           "send as Authorization: Bearer KEY (default: no key).")
+    max_adapters: int = option(8, "Adapters held in memory at most; the least recently used idle one is evicted.")
+    max_lora_rank: int | None = option(None, "Largest LoRA rank the server can load (default: the largest given).")
+    allow_admin: bool = option(False, "Enable POST/DELETE /v1/admin/adapters to load and unload adapters at run time.")
+    adapter_root: str | None = option(None, "Folder below which admin loads may name adapter folders (relative paths only).")
+    max_batch: int = option(32, "Rows decoded together at most (all adapters and the base).")
+    max_queue: int = option(256, "Requests waiting at most; more are answered 429.")
+    max_tokens: int = option(512, "Largest max_tokens a request may ask for.")
+    max_prompt_tokens: int = option(4096, "Longest prompt a request may send, in tokens after formatting.")
+    name: str | None = option(None, "The base model's name in the API (default: --model).")
+    chat_template: str = chat_template_option("Format /v1/completions prompts with the chat template, as peftlab "
+                                              "generate does: auto, on, off.")
+    trust_pickle: bool = trust_pickle_option()
+    dtype: str = dtype_option()
+    device: str = device_option()
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "max_adapters", "max_lora_rank", "max_batch", "max_queue", "max_tokens", "max_prompt_tokens")
+        _positive(self, "port", allow_zero=True)  # 0: any free port
+        if self.port > 65535:
+            raise UserError(f"--port must be at most 65535, got {self.port}")
+        if self.adapter_root is not None and not self.allow_admin:
+            raise UserError("--adapter-root is only used with --allow-admin: add it, or drop --adapter-root")
+
+
+@dataclass
+class ChatConfig:
+    """``peftlab chat``: talk to a model (and an adapter) in the terminal, through the serving engine."""
+
+    model: str = option(REQUIRED, "Base model: a local HF folder, a hub id, a .gguf file or an alias (decoder-only).")
+    adapter: str | None = option(None, "A PEFT adapter folder to apply.")
+    system: str | None = option(None, "A system message put before the conversation.")
+    max_tokens: int = option(256, "Tokens per answer at most.")
+    temperature: float = option(0.0, "0: greedy; higher: more varied answers.")
+    top_p: float = option(1.0, "Nucleus sampling: draw from the smallest set of tokens holding this much probability.")
+    seed: int | None = option(None, "Seed of the sampling (default: random).")
+    trust_pickle: bool = trust_pickle_option()
+    dtype: str = dtype_option()
+    device: str = device_option()
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        _positive(self, "max_tokens")
+        _positive(self, "temperature", allow_zero=True)
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,413 @@
+"""Continuous batching: requests join a running batch between decoding steps, whatever their adapter.
+
+One thread owns the model. Each turn of its loop it drops cancelled rows, admits waiting requests
+(up to ``max_batch`` rows), and runs one decoding step for every lane that has rows:
+
+- the shared lane holds the base model with mixed LoRA layers: rows of the base, of any LoRA adapter
+  and of any prompt-tuning adapter decode together (:mod:`peftlab.serve.mixed_lora`);
+- an adapter that changes the layers themselves (DoRA, (IA)^3, ...) has its own lane and model
+  (:mod:`peftlab.serve.adapters`).
+
+A request is prefilled alone (one forward over its prompt, its soft prompt in front when it has one:
+exactly the calls ``peftlab generate`` makes for one prompt) and its KV cache joins the lane's, both
+left-padded to the longer one; a finished or cancelled row is cut out of the cache. Each row keeps its
+own position (its tokens so far, virtual ones included), so padding never shifts positions, as in
+:func:`peftlab.eval.generate.generate`. Decoding is greedy (argmax) at temperature 0, else sampled
+with temperature and nucleus (top-p) filtering from the row's own seeded generator.
+
+    engine = Engine(load_model("smollm2-135m-instruct"), {"sum": Path("runs/sum/final")})
+    engine.start()
+    engine.submit(Request("sum", ids, Sampling(max_tokens=64), on_event=print))
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from peftlab.errors import UserError
+from peftlab.eval.generate import _decoder_cache, stop_ids
+from peftlab.models import LoadedModel
+from peftlab.serve.adapters import Adapter, AdapterBusy, AdapterSet, lora_rank
+from peftlab.serve.mixed_lora import RowAdapters
+
+BASE = None  # the adapter name of a request for the base model
+
+
+@dataclass
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the completion (not included in it)
+
+
+@dataclass(eq=False)
+class Request:
+    adapter: str | None  # an operator's adapter name, or BASE
+    prompt_ids: list[int]
+    sampling: Sampling
+    on_event: Callable[[str, str | None], None]
+    """Called from the engine thread with (new text, finish reason or None) when either changes.
+    The finish reason is "stop", "length", "cancelled" or "error: MESSAGE"."""
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # the text sent so far
+    finish_reason: str | None = None
+    cancelled: bool = False
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids of a conversation with the assistant's turn opened, as peftlab encodes a chat prompt:
+    the template writes the special tokens, the tokenizer adds none."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class QueueFull(Exception):
+    """More requests wait than the queue holds."""
+
+
+@dataclass(eq=False)
+class _Row:
+    request: Request
+    adapter: Adapter | None
+    length: int  # positions in the cache that are this row's (virtual tokens included)
+    next_token: int
+    generator: torch.Generator | None
+
+
+class _Lane:
+    """Rows that decode together on one model, and their KV cache, left-padded to a common length."""
+
+    def __init__(self, model, shared: bool) -> None:
+        self.model, self.shared = model, shared
+        self.rows: list[_Row] = []
+        self.cache = None
+
+    @property
+    def width(self) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length()
+
+
+class Engine:
+    """The model, its adapters and the running batches; ``submit`` and ``cancel`` are thread-safe."""
+
+    def __init__(self, loaded: LoadedModel, adapters: dict[str, Path], *, max_adapters: int = 8, max_batch: int = 32,
+                 max_queue: int = 256, max_lora_rank: int | None = None, adapter_root: Path | None = None,
+                 trust_pickle: bool = False) -> None:
+        if loaded.is_seq2seq:
+            raise UserError("peftlab serve and chat need a decoder-only model; this one is encoder-decoder")
+        if max_adapters < len(adapters):
+            raise UserError(f"--max-adapters {max_adapters} is less than the {len(adapters)} adapters given: raise it")
+        self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
+        self.context_length = loaded.context_length
+        ranks = [r for r in map(lora_rank, adapters.values()) if r is not None]
+        rows = RowAdapters(capacity=max_adapters, max_rank=max_lora_rank or max(ranks, default=8))
+        self.adapters = AdapterSet(self.model, adapters, rows, max_adapters=max_adapters, adapter_root=adapter_root,
+                                   trust_pickle=trust_pickle)
+        for name in adapters:  # load them now: a bad adapter fails at start, not at the first request
+            self.adapters.release(self.adapters.acquire(name))
+        self.rows = rows
+        self.device = next(self.model.parameters()).device
+        self.stop_ids = set(stop_ids(self.model, self.tokenizer))
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.shared = _Lane(self.model, shared=True)
+        self.own: dict[str, _Lane] = {}
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.RLock()  # held for a step, an admission, or an admin change
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the outside --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="peftlab-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, request: Request) -> None:
+        with self._wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull
+            self.waiting.append(request)
+            self._wake.notify()
+
+    def cancel(self, request: Request) -> None:
+        """Free the request's place: dropped from the queue or the batch before the next step."""
+        with self._wake:
+            request.cancelled = True
+            self._wake.notify()
+
+    def served(self) -> list[str]:
+        with self.lock:
+            return list(self.adapters.named)
+
+    def virtual_tokens(self, name: str | None) -> int:
+        """Positions a soft prompt adds in front of this adapter's prompts (0 when it cannot be loaded now)."""
+        if name is None:
+            return 0
+        with self.lock:
+            adapter = self.adapters.loaded.get(name)
+            if adapter is None and name in self.adapters.named:
+                try:
+                    adapter = self.adapters.acquire(name)  # load it, to know
+                except (AdapterBusy, UserError):
+                    return 0
+                self.adapters.release(adapter)
+            return adapter.virtual_tokens if adapter else 0
+
+    def add_adapter(self, name: str, folder: str | None) -> Adapter:
+        """Serve ``name`` (see :meth:`AdapterSet.add`), between two steps."""
+        with self.lock:
+            return self.adapters.add(name, folder)
+
+    def remove_adapter(self, name: str) -> None:
+        with self.lock:
+            self.adapters.remove(name)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        return bool(self.waiting) or bool(self.shared.rows) or any(lane.rows for lane in self.own.values())
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._busy():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            with self.lock, torch.no_grad():  # not inference_mode: adapters loaded later update these tensors in place
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    for lane in [self.shared, *self.own.values()]:
+                        if lane.rows:
+                            self._step(lane)
+                except Exception as e:  # a bug or an out-of-memory: fail the running requests, keep serving
+                    self._fail_all(f"error: {type(e).__name__}: {e}")
+
+    def _fail_all(self, reason: str) -> None:
+        for lane in [self.shared, *self.own.values()]:
+            for row in lane.rows:
+                self._finish(row.request, reason)
+                if row.adapter is not None:
+                    self.adapters.release(row.adapter)
+            lane.rows, lane.cache = [], None
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            kept = [r for r in self.waiting if not r.cancelled]
+            self.waiting = deque(kept)
+        for lane in [self.shared, *self.own.values()]:
+            for row in lane.rows:
+                if row.request.cancelled and row.request.finish_reason is None:
+                    self._finish(row.request, "cancelled")
+            if any(row.request.cancelled for row in lane.rows):
+                self._keep(lane, [row for row in lane.rows if not row.request.cancelled])
+
+    def _running(self) -> int:
+        return len(self.shared.rows) + sum(len(lane.rows) for lane in self.own.values())
+
+    def _admit(self) -> None:
+        """Prefill waiting requests while there is room (one whose adapter has no free slot waits), then
+        add them to their lanes, one cache rebuild per lane."""
+        postponed, joining = [], {}
+        while self._running() + sum(len(rows) for _, rows in joining.values()) < self.max_batch:
+            with self._wake:
+                if not self.waiting:
+                    break
+                request = self.waiting.popleft()
+            try:
+                adapter = None if request.adapter is BASE else self.adapters.acquire(request.adapter)
+            except AdapterBusy:
+                postponed.append(request)
+                continue
+            except KeyError:
+                self._finish(request, f"error: the model {request.adapter!r} is no longer served")
+                continue
+            except UserError as e:
+                self._finish(request, f"error: {e}")
+                continue
+            lane = self._lane(adapter)
+            joining.setdefault(id(lane), (lane, []))[1].append(self._prefill(lane, request, adapter))
+        with self._wake:
+            self.waiting.extendleft(reversed(postponed))
+        for lane, prefilled in joining.values():
+            self._join(lane, [(row, cache) for row, cache, _ in prefilled])
+            self._advance(lane, [row for row, _, _ in prefilled], torch.cat([logits for _, _, logits in prefilled]))
+
+    def _lane(self, adapter: Adapter | None) -> _Lane:
+        if adapter is None or adapter.kind != "own":
+            return self.shared
+        if adapter.name not in self.own:
+            self.own[adapter.name] = _Lane(adapter.model, shared=False)
+        return self.own[adapter.name]
+
+    # -- the model calls ------------------------------------------------------------------------
+
+    def _forward(self, lane: _Lane, slots: list[int], **inputs) -> torch.Tensor:
+        if lane.shared:
+            self.rows.set_rows(slots, self.device)
+        return lane.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, vocab)
+
+    def _prefill(self, lane: _Lane, request: Request, adapter: Adapter | None):
+        """One forward over the request's prompt alone: its row, its cache and its next-token logits (1, vocab)."""
+        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
+        cache = _decoder_cache(lane.model, request.sampling.max_tokens)
+        if adapter is not None and adapter.kind == "prompt":
+            embeds = lane.model.get_input_embeddings()(ids)  # (1, T, d)
+            prompt = adapter.prompt.to(device=embeds.device, dtype=embeds.dtype)[None]  # (1, N, d)
+            inputs = {"inputs_embeds": torch.cat([prompt, embeds], dim=1)}  # (1, N + T, d)
+        else:
+            inputs = {"input_ids": ids}
+        length = len(request.prompt_ids) + (adapter.virtual_tokens if adapter else 0)
+        positions = torch.arange(length, device=self.device)[None]  # (1, N + T)
+        slot = adapter.slot if adapter is not None and adapter.kind == "lora" else -1
+        logits = self._forward(lane, [slot], **inputs, position_ids=positions, cache=cache)  # (1, vocab)
+        generator = None
+        if request.sampling.temperature > 0:
+            seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        return _Row(request, adapter, length, -1, generator), cache, logits
+
+    def _step(self, lane: _Lane) -> None:
+        """One token for every row of ``lane``."""
+        rows, width = lane.rows, lane.width
+        ids = torch.tensor([[row.next_token] for row in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (B, 1)
+        mask = None  # no padding: no mask, as peftlab generate (attention takes its causal path)
+        if any(row.length != width for row in rows):
+            mask = torch.ones(len(rows), width + 1, dtype=torch.long, device=self.device)  # (B, T + 1)
+            for b, row in enumerate(rows):
+                mask[b, : width - row.length] = 0  # the row's left padding
+        slots = [row.adapter.slot if row.adapter is not None and row.adapter.kind == "lora" else -1 for row in rows]
+        logits = self._forward(lane, slots, input_ids=ids, attention_mask=mask, position_ids=positions,
+                               cache=lane.cache)  # (B, vocab)
+        for row in rows:
+            row.length += 1
+        self._advance(lane, list(rows), logits)
+
+    def _advance(self, lane: _Lane, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Pick each row's next token from its logits (B, vocab); finished rows leave the lane."""
+        finished = []
+        for b, row in enumerate(rows):
+            token = self._choose(logits[b], row)
+            request = row.request
+            request.tokens.append(token)
+            row.next_token = token
+            reason = "stop" if token in self.stop_ids else None
+            if reason is None and len(request.tokens) >= request.sampling.max_tokens:
+                reason = "length"
+            reason = self._emit(request, reason)
+            if reason is not None:
+                finished.append(row)
+        if finished:
+            self._keep(lane, [row for row in lane.rows if row not in finished])
+
+    def _choose(self, logits: torch.Tensor, row: _Row) -> int:
+        """argmax at temperature 0; else a draw from the temperature-scaled, top-p-filtered distribution."""
+        sampling = row.request.sampling
+        if sampling.temperature <= 0:
+            return int(logits.argmax())
+        probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)  # (vocab,)
+        if sampling.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # keep the smallest set reaching top_p
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    # -- text -----------------------------------------------------------------------------------
+
+    def _emit(self, request: Request, reason: str | None) -> str | None:
+        """Send the text that can no longer change; returns the finish reason (a stop string ends it too).
+
+        The text is ``peftlab generate``'s: the tokens decoded without special tokens, stripped. While
+        decoding, trailing whitespace, an unfinished character and a possible start of a stop string
+        are held back, so the pieces sent add up to the final text.
+        """
+        full = self.tokenizer.decode(request.tokens, skip_special_tokens=True).lstrip()
+        for stop in request.sampling.stop:
+            at = full.find(stop)
+            if at >= 0:
+                full, reason = full[:at], "stop"
+        if reason is not None:
+            text = full.rstrip()
+        else:
+            held = max((n for stop in request.sampling.stop for n in range(1, len(stop)) if full.endswith(stop[:n])),
+                       default=0)
+            text = full[: len(full) - held].rstrip().rstrip("\ufffd").rstrip()
+        delta = text[len(request.text):] if text.startswith(request.text) else ""
+        if delta:
+            request.text += delta
+        if reason is not None:
+            self._finish(request, reason, delta)
+        elif delta:
+            request.on_event(delta, None)
+        return reason
+
+    def _finish(self, request: Request, reason: str, delta: str = "") -> None:
+        request.finish_reason = reason
+        request.on_event(delta, reason)
+
+    # -- the cache ------------------------------------------------------------------------------
+
+    def _join(self, lane: _Lane, joining: list[tuple[_Row, object]]) -> None:
+        """Add prefilled rows: every cache left-padded to the longest, then stacked on the batch axis."""
+        caches = ([lane.cache] if lane.rows else []) + [cache for _, cache in joining]
+        width = max(cache.get_seq_length() for cache in caches)
+        layers = []
+        for parts in zip(*(cache.layers for cache in caches)):
+            keys = torch.cat([_pad_left(part.keys, width) for part in parts])  # (B, heads, width, dim)
+            values = torch.cat([_pad_left(part.values, width) for part in parts])
+            layers.append((keys, values))
+        lane.rows = [*lane.rows, *(row for row, _ in joining)]
+        lane.cache = self._rebuilt(lane, layers)
+
+    def _keep(self, lane: _Lane, rows: list[_Row]) -> None:
+        """Cut every row not in ``rows`` out of the lane, and the padding no remaining row needs."""
+        for row in lane.rows:
+            if row not in rows and row.adapter is not None:
+                self.adapters.release(row.adapter)
+        if not rows:
+            lane.rows, lane.cache = [], None
+            if not lane.shared:
+                self.own = {name: other for name, other in self.own.items() if other is not lane}
+            return
+        index = torch.tensor([lane.rows.index(row) for row in rows], device=self.device)
+        trim = lane.width - max(row.length for row in rows)  # columns of padding in every kept row
+        layers = [(layer.keys.index_select(0, index)[:, :, trim:], layer.values.index_select(0, index)[:, :, trim:])
+                  for layer in lane.cache.layers]
+        lane.rows = rows
+        lane.cache = self._rebuilt(lane, layers)
+
+    def _rebuilt(self, lane: _Lane, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+        room = max(row.request.sampling.max_tokens - len(row.request.tokens) for row in lane.rows) + 1
+        cache = _decoder_cache(lane.model, room)
+        for layer, (keys, values) in zip(cache.layers, layers):
+            layer.update(keys, values)
+        return cache
+
+
+def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, heads, T, dim) -> (B, heads, width, dim), zeros in front."""
+    missing = width - states.shape[2]
+    if missing == 0:
+        return states
+    return torch.cat([states.new_zeros(*states.shape[:2], missing, states.shape[3]), states], dim=2)
+
