@@ -298,6 +298,13 @@ def test_a_client_that_goes_away_frees_its_slot(folders, references):
             time.sleep(0.02)
         assert len(cancelled) == 1 and engine._running() == 0
         assert all(len(r.tokens) < 60 for r in cancelled)  # they stopped decoding early
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up waiting
+            httpx.post(server.url + "/v1/completions", json=body, timeout=0.4)
+        deadline = time.monotonic() + 10
+        while (len(cancelled) < 2 or engine._running()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(cancelled) == 2 and engine._running() == 0
+        assert len(cancelled[1].tokens) < 60
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=30)
         got = client.completions.create(model="base", prompt=PROMPTS[3], max_tokens=MAX_TOKENS, temperature=0)
         assert got.choices[0].text == references["base", PROMPTS[3]]

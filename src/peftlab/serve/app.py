@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -158,17 +159,21 @@ def create_app(engine: Engine, *, base_name: str, chat: bool, limits: Limits, ap
 
     async def complete(request: HTTPRequest, adapter: str | None, ids: list[int], sampling: Sampling) -> tuple[str, str, int]:
         job, events = submit(adapter, ids, sampling)
+        checked = time.monotonic()
         try:
             while True:
                 try:
                     _, finish = await asyncio.wait_for(events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    finish = None
+                if finish is not None:
+                    break
+                # every 0.25 s, whether or not tokens keep coming (they come faster than that while decoding)
+                if time.monotonic() - checked >= 0.25:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         engine.cancel(job)  # frees the row for others
                         raise APIError(499, "the client closed the connection") from None
-                    continue
-                if finish is not None:
-                    break
         except asyncio.CancelledError:
             engine.cancel(job)
             raise
