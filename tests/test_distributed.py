@@ -170,3 +170,18 @@ def test_harness_on_two_processes_gives_the_items_of_one(tiny_llama_dir, shared_
                 numbers = isinstance(a[key], float) or (isinstance(a[key], list) and all(isinstance(v, float) for v in a[key]))
                 assert a[key] == (pytest.approx(b[key], rel=RTOL, abs=1e-6) if numbers else b[key]), (task, key, a[key], b[key])
         assert result["metrics"] == pytest.approx(ours["metrics"], rel=RTOL, abs=1e-6)
+
+
+def test_eval_on_two_processes_gives_the_predictions_of_one(tiny_llama_dir, single, data, tmp_path):
+    """``peftlab eval`` under torchrun: each rank generates for its share of the prompts, rank 0 gathers
+    them in order and scores; the predictions and metrics equal one process's."""
+    args = ["eval", "--model", str(tiny_llama_dir), "--adapter", str(single["lora"] / "final"), "--data", str(data), "--split-fractions", "0,0,1",
+            "--max-new-tokens", "6", "--batch-size", "4", "--device", "cpu"]
+    assert main(args + ["--out", str(tmp_path / "one")]) == 0
+    _run(args + ["--out", str(tmp_path / "two")])
+    one, two = (tmp_path / "one", tmp_path / "two")
+    rows = [[json.loads(x) for x in (d / "predictions.jsonl").read_text().splitlines()] for d in (one, two)]
+    assert len(rows[0]) == 40 and [r["prediction"] for r in rows[0]] == [r["prediction"] for r in rows[1]]
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one, two)]
+    for key in ("rouge1", "rouge2", "rougeL", "rougeLsum", "bleu", "num_examples"):
+        assert metrics[0][key] == metrics[1][key], key
