@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from peftlab.cli import main
 from peftlab.training import checkpoint as ckpt
-from helpers import losses, write_dialogues
+from helpers import expect_error, losses, write_dialogues
 
 STEPS = 20
 LORA = ["--rank", "4", "--dropout", "0", "--lr", "5e-3"]
@@ -122,20 +122,34 @@ def _kill_after_checkpoint(proc: subprocess.Popen, run: Path, step: int) -> None
     proc.communicate()
 
 
-@pytest.mark.parametrize("parallel,resume_with", [("fsdp", "torchrun"), ("ddp", "one process")])
-def test_a_killed_distributed_run_resumes_to_the_same_result(parallel, resume_with, tiny_llama_dir, data, single, tmp_path):
+@pytest.mark.parametrize("parallel,resume_with,method", [("fsdp", "torchrun", "lora"), ("ddp", "one process", "lora"),
+                                                          ("fsdp-sharded", "torchrun", "lora"), ("fsdp-sharded", "torchrun", "full")])
+def test_a_killed_distributed_run_resumes_to_the_same_result(parallel, resume_with, method, tiny_llama_dir, data, single,
+                                                             tmp_path):
     run = tmp_path / "run"
-    args = _args(tiny_llama_dir, data, run, "lora", "--save-every", "1", "--parallel", parallel)
+    sharded = parallel == "fsdp-sharded"  # each process writes its own shards (torch.distributed.checkpoint)
+    parallel = "fsdp" if sharded else parallel
+    args = _args(tiny_llama_dir, data, run, method, "--save-every", "1", "--parallel", parallel,
+                 *(["--sharded-checkpoints"] if sharded else []))
     _kill_after_checkpoint(_torchrun(args), run, 8)
     assert not (run / "final").exists() and json.loads((run / "run.json").read_text())["status"] == "running"
+    newest = ckpt.latest_checkpoint(run / "checkpoints")
+    assert ckpt.is_sharded(newest) == sharded and (newest / "weights.safetensors").exists() != sharded
+    if sharded:
+        assert sorted(p.name for p in (newest / ckpt.SHARDED).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     resume = [a for a in args if a not in ("--parallel", parallel)] + ["--resume"]
     if resume_with == "torchrun":
         _run(resume + ["--parallel", parallel])
     else:  # the same global batch in one process: 2 micro-batches a step
         assert main(resume + ["--grad-accum", "2"]) == 0
     assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r] == list(range(1, STEPS + 1))
-    assert _close(losses(run), losses(single["lora"]))
-    _same_final(run, single["lora"], "lora")
+    assert _close(losses(run), losses(single[method]))
+    _same_final(run, single[method], method)
+
+
+def test_sharded_checkpoints_need_fsdp(tiny_llama_dir, data, tmp_path, capsys):
+    message = expect_error(_args(tiny_llama_dir, data, tmp_path / "r", "lora", "--sharded-checkpoints"), capsys)
+    assert "--sharded-checkpoints writes FSDP's shards" in message and not (tmp_path / "r").exists()
 
 
 def test_resuming_with_another_global_batch_is_refused(tiny_llama_dir, data, tmp_path, capsys):

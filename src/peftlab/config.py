@@ -175,6 +175,10 @@ class TrainConfig:
                                         "fsdp (parameters, gradients and optimizer states sharded per decoder layer, "
                                         "FSDP2). Default: ddp when torchrun started several processes. The global batch "
                                         "is --batch-size x --grad-accum x processes.", choices=("ddp", "fsdp"))
+    sharded_checkpoints: bool = option(False, "With --parallel fsdp: each process writes its own shards of the weights "
+                                              "and optimizer state (torch.distributed.checkpoint) instead of rank 0 "
+                                              "gathering them whole, for models whose state does not fit one process "
+                                              "(the checkpoints then need a file system all processes share).")
     resume: bool = option(False, "Continue the run in --out from its newest complete checkpoint (--resume PATH: from "
                                  "that checkpoint folder).")
     resume_from: str | None = option(None, "Continue the run in --out from this checkpoint folder (implies --resume).")

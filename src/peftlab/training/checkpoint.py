@@ -6,6 +6,9 @@ needs: the trainable weights (``weights.safetensors``: the whole model for full 
 adapter only for PEFT), ``optimizer.pt`` (AdamW moments), ``rng.pt`` (Python, torch, CUDA RNG
 states; under torchrun rank 0's, with every rank's under ``"ranks"``) and ``state.json`` (step, data
 position, scheduler). The files are the same whether one process or several (DDP, FSDP) trained.
+With ``--sharded-checkpoints`` (FSDP, for models whose state would not fit one process) a ``sharded/``
+folder of torch.distributed.checkpoint files, each process writing its own shards, replaces
+``weights.safetensors`` and ``optimizer.pt``; it resumes under FSDP.
 
 A checkpoint is written into a hidden ``.step-NNNNNN.tmp`` folder, fsynced (files, then the
 folder) and renamed into place, and the rename is fsynced: a ``step-*`` folder is complete, even
@@ -31,6 +34,8 @@ from peftlab.errors import UserError
 from peftlab.outputs import fsync, fsync_tree, write_json
 
 FILES = ("weights.safetensors", "optimizer.pt", "rng.pt", "state.json")
+SHARDED = "sharded"  # --sharded-checkpoints: weights and optimizer state as torch.distributed.checkpoint shards
+SHARDED_FILES = (f"{SHARDED}/.metadata", "rng.pt", "state.json")  # instead of FILES
 
 
 def rng_state() -> dict:
@@ -68,14 +73,27 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], o
     """Write ``step-NNNNNN`` whole, then delete all but the newest ``keep`` complete checkpoints.
 
     ``optimizer``: the optimizer or its state dict; ``rng``: the RNG states (default: this process's)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(folder)
-    target = folder / checkpoint_name(step)
-    tmp = folder / f".{target.name}.tmp"
-    tmp.mkdir()
+    tmp = begin_checkpoint(folder, step)
     # clone: tied weights share storage, which safetensors refuses; contiguous for transposed views
     save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, tmp / "weights.safetensors")
     torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
+    return commit_checkpoint(folder, step, state, keep, rng)
+
+
+def begin_checkpoint(folder: Path, step: int) -> Path:
+    """The hidden folder checkpoint ``step`` is written into (``--sharded-checkpoints``: every process writes
+    its shards there, then rank 0 calls :func:`commit_checkpoint`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(folder)
+    tmp = folder / f".{checkpoint_name(step)}.tmp"
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(folder: Path, step: int, state: dict, keep: int, rng: dict | None = None) -> Path:
+    """Add the RNG and trainer state to the hidden folder of ``step``, fsync it and rename it into place."""
+    target = folder / checkpoint_name(step)
+    tmp = folder / f".{target.name}.tmp"
     torch.save(rng if rng is not None else rng_state(), tmp / "rng.pt")
     write_json(tmp / "state.json", state)
     fsync_tree(tmp)
@@ -85,6 +103,10 @@ def save_checkpoint(folder: Path, step: int, weights: dict[str, torch.Tensor], o
     fsync(folder)
     prune(folder, keep)
     return target
+
+
+def is_sharded(checkpoint: Path) -> bool:
+    return (checkpoint / SHARDED).is_dir()
 
 
 def prune(folder: Path, keep: int) -> None:
@@ -113,7 +135,8 @@ def _step(checkpoint: Path) -> int:
 
 def complete_checkpoints(folder: Path) -> list[Path]:
     """The ``step-*`` folders holding every checkpoint file, oldest first."""
-    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit() and all((p / f).is_file() for f in FILES)]
+    found = [p for p in folder.glob("step-*") if p.name[5:].isdigit()
+             and (all((p / f).is_file() for f in FILES) or all((p / f).is_file() for f in SHARDED_FILES))]
     return sorted(found, key=_step)
 
 
@@ -130,10 +153,11 @@ def drop_after(folder: Path, step: int) -> list[str]:
     return sorted(p.name for p in later)
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
-    """(weights, optimizer state, rng state, trainer state) of a checkpoint folder; an unreadable file is a
-    ``UserError`` that names it and an older checkpoint to resume from."""
-    missing = [name for name in FILES if not (path / name).is_file()]
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict | None, dict, dict]:
+    """(weights, optimizer state, rng state, trainer state) of a checkpoint folder (weights and optimizer None
+    in a sharded one); an unreadable file is a ``UserError`` that names it and an older checkpoint to resume from."""
+    names = SHARDED_FILES if is_sharded(path) else FILES
+    missing = [name for name in names if not (path / name).is_file()]
     if missing:
         raise UserError(f"{path} is not a complete checkpoint (no {', '.join(missing)}); {_fallback(path)}")
     readers = {
@@ -142,8 +166,8 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict, di
         "rng.pt": lambda f: torch.load(f, weights_only=False),  # our own file: Python's RNG state is a tuple
         "state.json": lambda f: json.loads(Path(f).read_text()),
     }
-    loaded = []
-    for name in FILES:
+    loaded = [None, None] if is_sharded(path) else []  # sharded weights and optimizer: every process reads its own
+    for name in FILES if not loaded else FILES[2:]:
         try:
             loaded.append(readers[name](path / name))
         except Exception as e:  # truncated or corrupt: safetensors, pickle, zip and JSON each fail their own way

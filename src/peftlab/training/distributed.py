@@ -37,6 +37,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -330,6 +331,36 @@ class Distributed:
         named = {"state": {order[i]: s for i, s in state["state"].items()},
                  "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
         set_optimizer_state_dict(module, optimizer, named, options=_full_options(cpu_offload=False))
+
+
+    # --- sharded checkpoints (torch.distributed.checkpoint): each rank writes and reads its own shards
+
+    def save_sharded(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> list[str]:
+        """Write the trainable weights and the optimizer state of ``module`` (FSDP-wrapped) into ``path``,
+        every rank its own shards; returns the names of trainable tensors with non-finite values (all ranks')."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        from torch.distributed.tensor import DTensor
+
+        weights, optim = get_state_dict(module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        local = [n for n, t in weights.items()
+                 if not torch.isfinite(t.to_local() if isinstance(t, DTensor) else t).all()]
+        bad = sorted({n for names in self.gather(local) for n in names})
+        if not bad:  # nothing non-finite is ever saved
+            dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(path))
+        return bad
+
+    def load_sharded(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+        """The inverse of ``save_sharded`` (torch.distributed.checkpoint maps the saved shards onto this run's)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        weights, optim = get_state_dict(module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+        state = {"model": weights, "optim": optim}
+        dcp.load(state, checkpoint_id=str(path))  # fails on a key the checkpoint lacks
+        # not strict: the frozen weights are not in a checkpoint (they come from the base model)
+        set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
 
 def _full_options(**overrides: Any):

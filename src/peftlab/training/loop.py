@@ -89,7 +89,7 @@ from peftlab.training.regularize import Regularizer, make_regularizer
 # (learning rate, schedule, steps, data, method options ...): resuming with it changed is refused.
 _RESUME_FREE = ("out", "resume", "resume_from", "overwrite", "device", "log_every", "eval_every", "eval_limit",
                 "save_every", "keep_checkpoints", "skip_nonfinite_steps", "report_to", "tracking_dir", "experiment", "run_name",
-                "gradient_checkpointing", "parallel")
+                "gradient_checkpointing", "parallel", "sharded_checkpoints")
 
 
 @dataclass
@@ -216,6 +216,9 @@ def check_parallel(config: TrainConfig, dist: Distributed) -> None:
     """What ``--parallel fsdp`` cannot do, said before anything loads."""
     if dist.mode == "fsdp" and config.regularize:
         raise UserError(f"--regularize {config.regularize} anchors whole weights, which FSDP shards: use --parallel ddp")
+    if config.sharded_checkpoints and dist.mode != "fsdp":
+        raise UserError("--sharded-checkpoints writes FSDP's shards: launch with torchrun and --parallel fsdp, "
+                        "or leave it out")
 
 
 def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None], world_size: int = 1) -> None:
@@ -620,13 +623,23 @@ def restore(config: TrainConfig, checkpoints: Path, setup: ModelSetup, optim: Op
     if found is None:
         return fresh
     chosen, weights, opt_state, rng, saved = found
-    dist.load_trainable_state(setup.step_model, CompletionLoss.PREFIX, weights,
-                              lambda w: methods.load_trainable_state(setup.model, w))
-    try:
-        dist.load_optimizer_state(setup.step_model, optim.optimizer, opt_state)
-    except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
-        raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
-                        f"--weight-decay or start a new run") from None
+    if weights is None:  # a sharded checkpoint: every rank reads its shards
+        if dist.mode != "fsdp":
+            raise UserError(f"{chosen} is a sharded FSDP checkpoint: resume it under torchrun with --parallel fsdp")
+        try:
+            dist.load_sharded(setup.step_model, optim.optimizer, chosen / ckpt.SHARDED)
+        except Exception as e:  # noqa: BLE001  (torch.distributed.checkpoint's errors name the missing or odd keys)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise UserError(f"the sharded checkpoint {chosen} does not fit this run ({reason}); resume with the "
+                            f"original settings or start a new run") from None
+    else:
+        dist.load_trainable_state(setup.step_model, CompletionLoss.PREFIX, weights,
+                                  lambda w: methods.load_trainable_state(setup.model, w))
+        try:
+            dist.load_optimizer_state(setup.step_model, optim.optimizer, opt_state)
+        except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
+            raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
+                            f"--weight-decay or start a new run") from None
     optim.scheduler.load_state_dict(saved["scheduler"])
     own_rng = ckpt.rank_rng_state(rng, dist.rank)
     if own_rng is not None:
@@ -649,7 +662,8 @@ def _read_checkpoint(config: TrainConfig, checkpoints: Path, model, log: Callabl
         log("no checkpoint yet: starting from step 0")
         return None
     weights, opt_state, rng, saved = ckpt.load_checkpoint(chosen)
-    methods.check_trainable_names(model, weights)
+    if weights is not None:  # a sharded checkpoint's names are checked as its shards load
+        methods.check_trainable_names(model, weights)
     return chosen, weights, opt_state, rng, saved
 
 
@@ -676,13 +690,25 @@ def save_checkpoint(config: TrainConfig, checkpoints: Path, state: TrainState, s
                     metrics: MetricsLog, dist: Distributed | None = None) -> None:
     """The trainable weights, optimizer state (both gathered whole under FSDP) and every rank's RNG state, written by rank 0."""
     dist = dist or Distributed()
-    weights = dist.trainable_state(setup.step_model, setup.model, CompletionLoss.PREFIX)
-    opt_state = dist.optimizer_state(setup.step_model, optim.optimizer)
     rngs = dist.gather(ckpt.rng_state())
     position = {"step": state.step, "epoch": state.order.epoch, "next_micro": state.order.next_micro,
                 "scheduler": optim.scheduler.state_dict(), "total_steps": optim.total_steps,
                 "tokens": state.seen_tokens, "recent": state.recent, "skipped_steps": state.skipped,
                 "metrics_lines": metrics.lines, "elapsed_s": state.elapsed}
+    if config.sharded_checkpoints:  # every rank writes its shards into rank 0's hidden folder, which rank 0 then commits
+        tmp = dist.on_main(lambda: ckpt.begin_checkpoint(checkpoints, state.step))
+        bad = dist.save_sharded(setup.step_model, optim.optimizer, tmp / ckpt.SHARDED)
+
+        def commit() -> None:
+            if bad:
+                raise NonFiniteStep(f"step {state.step}: weight {bad[0]} is no longer finite, not saved; "
+                                    f"{_divergence_advice(checkpoints)}")
+            ckpt.commit_checkpoint(checkpoints, state.step, position, config.keep_checkpoints, rng=ckpt.ranks_rng_state(rngs))
+
+        dist.on_main(commit)
+        return
+    weights = dist.trainable_state(setup.step_model, setup.model, CompletionLoss.PREFIX)
+    opt_state = dist.optimizer_state(setup.step_model, optim.optimizer)
 
     def write() -> None:
         check_finite_weights(weights, state.step, checkpoints)
