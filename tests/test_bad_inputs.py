@@ -389,6 +389,16 @@ CASES = [
          "split must be one of"),
     Case("forgetting-tuned-and-adapter", "forgetting: both --tuned and --adapter",
          lambda t, m: forgetting_args(m, t, "--tuned", str(m.llama)), "one of them"),
+    Case("train-parallel-without-torchrun", "train: --parallel without torchrun",
+         lambda t, m: train_args(m, t, "--parallel", "fsdp"), "torchrun --nproc_per_node=N"),
+    Case("train-sharded-without-fsdp", "train: --sharded-checkpoints without --parallel fsdp",
+         lambda t, m: train_args(m, t, "--sharded-checkpoints"), "--sharded-checkpoints writes FSDP's shards"),
+    Case("serve-adapter-not-name-dir", "serve: --adapter without NAME=",
+         lambda t, m: ["serve", "--model", str(m.llama), "--adapter", str(m.adapter)], "is not NAME=DIR"),
+    Case("serve-adapter-missing", "serve: the adapter folder does not exist",
+         lambda t, m: ["serve", "--model", str(m.llama), "--adapter", f"a={t / 'no'}"], "does not exist"),
+    Case("serve-port-out-of-range", "serve: --port above 65535",
+         lambda t, m: ["serve", "--model", str(m.llama), "--port", "70000"], "--port must be at most 65535"),
 ]
 
 
