@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from peftlab.data.encode import encode_prompts
-from peftlab.eval.generate import generate, stop_ids
+from peftlab.data.encode import encode_prompts, prompt_ids
+from peftlab.eval.generate import completion_tokens, generate, stop_ids
 from peftlab.models import load_model
 from peftlab.peft import LoraConfig, adapter_parameters, apply_lora, merge_and_unload
 from peftlab.peft.formats import load_adapter, save_adapter
@@ -76,8 +76,7 @@ def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int
     stop = stop_ids(model, tokenizer)
     order = list(range(len(prompts)))
     if sort:
-        lengths = [len(encode_prompts(tokenizer, [p], is_seq2seq=False, chat=True, max_length=512)["input_ids"][0])
-                   for p in prompts]
+        lengths = [len(prompt_ids(tokenizer, p, is_seq2seq=False, chat=True, max_length=512)) for p in prompts]
         order.sort(key=lambda i: -lengths[i])
     texts, count = [""] * len(prompts), 0
     for i in range(0, len(order), batch_size):
@@ -86,8 +85,7 @@ def reference_generate(model, tokenizer, prompts: list[str], max_new_tokens: int
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
         for j, row in zip(members, out[:, batch["input_ids"].shape[1]:].tolist()):  # (B, T_new)
-            ended = [k for k, t in enumerate(row) if t in stop]
-            row = row[: ended[0] + 1] if ended else row
+            row = completion_tokens(row, stop)
             count += len(row)
             texts[j] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return texts, count

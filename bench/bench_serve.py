@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from peftlab.data.encode import encode_prompts
-from peftlab.eval.generate import stop_ids
+from peftlab.eval.generate import completion_tokens, stop_ids
 from peftlab.models import load_model
 from peftlab.peft import LoraConfig, adapter_parameters, apply_lora, save_adapter
 from peftlab.serve.engine import Engine, Request, Sampling
@@ -96,8 +96,7 @@ def run_peft(model, tokenizer, prompts: list[str], names: list[str], max_new_tok
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
                              eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, **extra)
         for i, row in zip(rows, out[:, batch["input_ids"].shape[1]:].tolist()):  # (B, T_new)
-            ended = [j for j, t in enumerate(row) if t in stop]
-            row = row[: ended[0] + 1] if ended else row
+            row = completion_tokens(row, stop)
             count += len(row)
             texts[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
     return texts, count, time.perf_counter() - start

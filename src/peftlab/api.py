@@ -293,7 +293,8 @@ def chat(config: ChatConfig | None = None, *, ask: Callable[[], str | None], sho
     import threading
 
     from peftlab.models import load_model
-    from peftlab.serve.engine import BASE, Engine, Request, Sampling, chat_prompt_ids
+    from peftlab.data.encode import chat_prompt_ids
+    from peftlab.serve.engine import BASE, Engine, Request, Sampling
 
     config = _config(ChatConfig, config, options)
     named = {"adapter": Path(config.adapter)} if config.adapter else {}

@@ -33,10 +33,18 @@ def format_prompt(tokenizer, text: str, chat: bool, is_seq2seq: bool) -> str:
     if is_seq2seq:
         return text
     if chat:
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
-        )
+        return chat_text(tokenizer, [{"role": "user", "content": text}])
     return text + "\n"
+
+
+def chat_text(tokenizer, messages: list[dict[str, str]]) -> str:
+    """A conversation in the tokenizer's chat template, the assistant's turn opened."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """The ids of a conversation, encoded as peftlab encodes a chat prompt (``peftlab serve`` / ``chat``)."""
+    return _prompt_ids(tokenizer, chat_text(tokenizer, messages), chat=True)
 
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
@@ -116,7 +124,8 @@ def real_tokens(batch: dict[str, torch.Tensor]) -> int:
 def prompt_ids(tokenizer, text: str, *, is_seq2seq: bool, chat: bool, max_length: int) -> list[int]:
     """The token ids a prompt is generated from: formatted as in training, its last ``max_length`` tokens."""
     formatted = format_prompt(tokenizer, text, chat, is_seq2seq)
-    return tokenizer(formatted, add_special_tokens=is_seq2seq or not chat)["input_ids"][-max_length:]
+    ids = tokenizer(formatted, add_special_tokens=True)["input_ids"] if is_seq2seq else _prompt_ids(tokenizer, formatted, chat)
+    return ids[-max_length:]
 
 
 def pad_prompts(rows: list[list[int]], pad_id: int, *, is_seq2seq: bool) -> dict[str, torch.Tensor]:

@@ -57,6 +57,12 @@ def stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def completion_tokens(row: list[int], stop: list[int]) -> list[int]:
+    """A generated row up to and including its first stop token (the padding after it dropped)."""
+    ended = next((k for k, t in enumerate(row) if t in stop), None)
+    return row if ended is None else row[: ended + 1]
+
+
 # Generation-config fields that make transformers' greedy search differ from a plain argmax loop,
 # with the values that leave it plain (the logits processors and stopping criteria they add).
 _PLAIN_GREEDY = {
@@ -137,7 +143,7 @@ class RoomyLayer(DynamicLayer):
         return grown
 
 
-def _decoder_cache(model, room: int) -> DynamicCache:
+def decoder_cache(model, room: int) -> DynamicCache:
     """The cache ``generate`` would make for the decoder, with :class:`RoomyLayer` for its full-attention layers."""
     cache = DynamicCache(config=model.config.get_text_config(decoder=True))
     if cache.layers and all(type(layer) is DynamicLayer for layer in cache.layers):
@@ -153,7 +159,7 @@ def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int
     head = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
     if model.config.is_encoder_decoder:
         encoded = model.get_encoder()(input_ids=ids, attention_mask=mask, return_dict=True)
-        cache = EncoderDecoderCache(_decoder_cache(model, max_new_tokens), DynamicCache(config=model.config.get_text_config(decoder=True)))
+        cache = EncoderDecoderCache(decoder_cache(model, max_new_tokens), DynamicCache(config=model.config.get_text_config(decoder=True)))
         start = model.generation_config.decoder_start_token_id
         start = model.config.decoder_start_token_id if start is None else start
         inputs = {"encoder_outputs": encoded, "attention_mask": mask, "decoder_input_ids": torch.full((rows, 1), start, device=ids.device)}
@@ -162,7 +168,7 @@ def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (B, T): left padding does not shift positions
         if bool((mask == 1).all()):
             mask = None  # no padding: no mask, as in generate (attention takes its causal path)
-        cache = _decoder_cache(model, max_new_tokens)
+        cache = decoder_cache(model, max_new_tokens)
         inputs = {"input_ids": ids, "attention_mask": mask}
         if "position_ids" in parameters:
             inputs["position_ids"] = positions
@@ -228,8 +234,7 @@ def generate(
         batch = {k: v.to(device) for k, v in batch.items()}
         generated = decode(model, batch, max_new_tokens=max_new_tokens, stop=stop, pad=pad)  # (B, T_new)
         for j, row in zip(members, generated.tolist()):
-            ended = [k for k, t in enumerate(row) if t in stop]
-            row = row[: ended[0] + 1] if ended else row
+            row = completion_tokens(row, stop)
             new_tokens += len(row)
             texts[j] = tokenizer.decode(row, skip_special_tokens=True).strip()
         bar.update(len(generated), tok_per_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f}")

@@ -27,11 +27,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from peftlab.data.encode import encode_prompts
+from peftlab.data.encode import chat_prompt_ids, prompt_ids
 from peftlab.errors import UserError
 from peftlab.serve import protocol
 from peftlab.serve.adapters import AdapterBusy
-from peftlab.serve.engine import BASE, Engine, QueueFull, Request, Sampling, chat_prompt_ids
+from peftlab.serve.engine import BASE, Engine, QueueFull, Request, Sampling
 from peftlab.serve.protocol import APIError, ChatRequest, CompletionRequest
 
 
@@ -114,7 +114,7 @@ def create_app(engine: Engine, *, base_name: str, chat: bool, limits: Limits, ap
     async def completions(request: HTTPRequest):
         body = protocol.parse(CompletionRequest, await body_of(request))
         adapter = adapter_of(body.model)
-        ids = encode_prompts(tokenizer, [body.prompt], is_seq2seq=False, chat=chat, max_length=10**9)["input_ids"][0].tolist()
+        ids = prompt_ids(tokenizer, body.prompt, is_seq2seq=False, chat=chat, max_length=10**9)
         sampling = sampling_of(body, body.max_tokens, ids, adapter)
         id_ = protocol.completion_id("cmpl")
         if body.stream:

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from peftlab.errors import UserError
-from peftlab.eval.generate import _decoder_cache, stop_ids
+from peftlab.eval.generate import decoder_cache, stop_ids
 from peftlab.models import LoadedModel
 from peftlab.serve.adapters import Adapter, AdapterBusy, AdapterSet, lora_rank
 from peftlab.serve.mixed_lora import RowAdapters
@@ -61,13 +61,6 @@ class Request:
     text: str = ""  # the text sent so far
     finish_reason: str | None = None
     cancelled: bool = False
-
-
-def chat_prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """The ids of a conversation with the assistant's turn opened, as peftlab encodes a chat prompt:
-    the template writes the special tokens, the tokenizer adds none."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 class QueueFull(Exception):
@@ -268,7 +261,7 @@ class Engine:
     def _prefill(self, lane: _Lane, request: Request, adapter: Adapter | None):
         """One forward over the request's prompt alone: its row, its cache and its next-token logits (1, vocab)."""
         ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
-        cache = _decoder_cache(lane.model, request.sampling.max_tokens)
+        cache = decoder_cache(lane.model, request.sampling.max_tokens)
         if adapter is not None and adapter.kind == "prompt":
             embeds = lane.model.get_input_embeddings()(ids)  # (1, T, d)
             prompt = adapter.prompt.to(device=embeds.device, dtype=embeds.dtype)[None]  # (1, N, d)
@@ -398,7 +391,7 @@ class Engine:
 
     def _rebuilt(self, lane: _Lane, layers: list[tuple[torch.Tensor, torch.Tensor]]):
         room = max(row.request.sampling.max_tokens - len(row.request.tokens) for row in lane.rows) + 1
-        cache = _decoder_cache(lane.model, room)
+        cache = decoder_cache(lane.model, room)
         for layer, (keys, values) in zip(cache.layers, layers):
             layer.update(keys, values)
         return cache
