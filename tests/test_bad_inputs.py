@@ -109,6 +109,20 @@ def train_args(m: Models, folder: Path, *more: str) -> list[str]:
             "--max-steps", "1", *more]
 
 
+def merge_adapters_args(m: Models, folder: Path, *more: str, adapters: tuple[Path, ...] | None = None,
+                        out: Path | None = None, model: Path | None = None) -> list[str]:
+    specs = [f"--adapter={name}={path}" for name, path in zip("abc", (m.adapter, m.adapter) if adapters is None else adapters)]
+    return ["merge-adapters", "--model", str(model or m.llama), *specs, "--out", str(out or folder / "merged"), *more]
+
+
+def lora_of_rank(folder: Path, m: Models, rank: int) -> Path:
+    from peftlab.models import load_model
+    from peftlab.peft import LoraConfig, apply_lora, save_adapter
+
+    config = LoraConfig(rank=rank)
+    return save_adapter(apply_lora(load_model(str(m.llama)).model, config), folder / f"r{rank}", config)
+
+
 def forgetting_args(m: Models, folder: Path, *more: str, out: Path | None = None) -> list[str]:
     return ["forgetting", "--model", str(m.llama), "--adapter", str(m.adapter), "--out", str(out or folder / "fg"),
             "--device", "cpu", *more]
@@ -246,6 +260,14 @@ CASES = [
          lambda t, m: generate_args(m.llama, "--input", str(write(t, "in.txt", "hi\n"))), "give exactly one of --prompt TEXT or --input FILE"),
     Case("train-rank-zero", "train: --rank 0",
          lambda t, m: train_args(m, t, "--method", "lora", "--rank", "0"), "LoRA rank must be a positive integer"),
+    Case("train-unknown-init", "train: an unknown --init",
+         lambda t, m: train_args(m, t, "--method", "lora", "--init", "svd"), "unknown LoRA init 'svd'"),
+    Case("train-pissa-on-4bit", "train: --init pissa with qlora",
+         lambda t, m: train_args(m, t, "--method", "qlora", "--init", "pissa"), "starts from the float base weights"),
+    Case("train-pissa-with-dora", "train: --init olora with dora",
+         lambda t, m: train_args(m, t, "--method", "dora", "--init", "olora"), "peftlab's DoRA does not support"),
+    Case("train-loraplus-not-lora", "train: --loraplus-ratio with a method outside the LoRA family",
+         lambda t, m: train_args(m, t, "--method", "ia3", "--loraplus-ratio", "16"), "applies to the LoRA family"),
     Case("train-resume-overwrite", "train: --resume with --overwrite",
          lambda t, m: train_args(m, t, "--resume", "--overwrite"), "contradict each other"),
     Case("train-target-length", "train: --max-target-length not below --max-length",
@@ -365,6 +387,10 @@ CASES = [
          lambda t, m: compare_args(m, t / "cmp", "fewshot:x"), "write fewshot:K"),
     Case("compare-method-twice", "compare: a method listed twice",
          lambda t, m: compare_args(m, t / "cmp", "lora,lora"), "lists a method twice"),
+    Case("compare-method-option-without-value", "compare: a method option without a value",
+         lambda t, m: compare_args(m, t / "cmp", "full,lora:init"), "written METHOD:KEY=VALUE"),
+    Case("compare-method-option-unknown", "compare: an unknown option of a method",
+         lambda t, m: compare_args(m, t / "cmp", "lora:inti=pissa"), "unknown option 'inti'"),
     Case("sweep-unknown-option", "sweep: an unknown option swept",
          lambda t, m: ["sweep", "--model", str(m.llama), "--data", str(m.data), "--out", str(t / "sw"), "--sweep", "rnak=1,2"],
          "did you mean 'rank'"),
@@ -399,6 +425,36 @@ CASES = [
          lambda t, m: ["serve", "--model", str(m.llama), "--adapter", f"a={t / 'no'}"], "does not exist"),
     Case("serve-port-out-of-range", "serve: --port above 65535",
          lambda t, m: ["serve", "--model", str(m.llama), "--port", "70000"], "--port must be at most 65535"),
+    Case("merge-adapters-no-adapter", "merge-adapters: no --adapter",
+         lambda t, m: merge_adapters_args(m, t, adapters=()), "give the adapters to combine"),
+    Case("merge-adapters-unknown-combination", "merge-adapters: an unknown --combination",
+         lambda t, m: merge_adapters_args(m, t, "--combination", "average"), "invalid choice: 'average'"),
+    Case("merge-adapters-weights-count", "merge-adapters: --weights does not give one weight per adapter",
+         lambda t, m: merge_adapters_args(m, t, "--weights", "0.5"), "give one per --adapter"),
+    Case("merge-adapters-density-missing", "merge-adapters: ties without --density",
+         lambda t, m: merge_adapters_args(m, t, "--combination", "ties"), "needs --density"),
+    Case("merge-adapters-density-range", "merge-adapters: --density outside (0, 1]",
+         lambda t, m: merge_adapters_args(m, t, "--combination", "dare_ties", "--density", "1.5"),
+         "--density must be in (0, 1], got 1.5"),
+    Case("merge-adapters-density-unused", "merge-adapters: --density with --combination svd",
+         lambda t, m: merge_adapters_args(m, t, "--density", "0.5"), "--density is used by ties, dare_linear and dare_ties only"),
+    Case("merge-adapters-name-twice", "merge-adapters: two adapters with the same NAME",
+         lambda t, m: ["merge-adapters", "--model", str(m.llama), "--adapter", f"a={m.adapter}", "--adapter", f"a={m.adapter}",
+                       "--out", str(t / "merged")], "names 'a' twice"),
+    Case("merge-adapters-ranks-differ", "merge-adapters: linear on adapters of different ranks",
+         lambda t, m: merge_adapters_args(m, t, "--combination", "linear", adapters=(m.adapter, lora_of_rank(t, m, 2))),
+         "needs adapters of equal rank"),
+    Case("merge-adapters-dora", "merge-adapters: a DoRA adapter",
+         lambda t, m: merge_adapters_args(m, t, adapters=(m.adapter, adapter_copy(t, m, edit_adapter_config(use_dora=True)))),
+         "is a DoRA adapter"),
+    Case("merge-adapters-not-lora", "merge-adapters: an adapter that is not LoRA",
+         lambda t, m: merge_adapters_args(m, t, adapters=(m.adapter, adapter_copy(t, m, edit_adapter_config(peft_type="IA3")))),
+         "combines LoRA adapters only"),
+    Case("merge-adapters-other-model", "merge-adapters: adapters of another base model",
+         lambda t, m: merge_adapters_args(m, t, model=m.t5), "pass the --model the adapters were trained on"),
+    Case("merge-adapters-out-holds-adapter", "merge-adapters: --out holds an input adapter",
+         lambda t, m: merge_adapters_args(m, t, "--overwrite", out=m.adapter.parent),
+         "would replace the folder holding the --adapter input"),
 ]
 
 

@@ -153,3 +153,56 @@ def test_sweep_labels_keep_the_values_as_written():
 
     variants = sweep_variants(SweepConfig(model="m", data="d", out="o", method="lora", sweep="lr=5e-4, 2e-3"))
     assert [(v.label, v.train["lr"]) for v in variants] == [("lr=5e-4", 5e-4), ("lr=2e-3", 2e-3)]
+
+
+def test_method_options_and_paired_report(tiny_llama_dir, tmp_path, capsys):
+    """``METHOD:KEY=VALUE`` variants train with their options; the report pairs every variant with full and lora."""
+    data = write_dialogues(tmp_path / "d.jsonl", n=30)
+    out = tmp_path / "cmp"
+    args = _compare_args(tiny_llama_dir, data, out, "full,lora,lora:init=olora:loraplus_ratio=4") + ["--latency-examples", "0"]
+    assert main(args) == 0
+    rows = {r["label"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    run = json.loads((out / "variants" / "lora-init=olora-loraplus_ratio=4" / "run" / "run.json").read_text())
+    assert run["config"]["init"] == "olora" and run["config"]["loraplus_ratio"] == 4.0
+
+    md = (out / "report.md").read_text()
+    paired = md.split("## ROUGE-1 against full fine-tuning and plain LoRA", 1)[1].split("\n## ", 1)[0]
+    line = next(x for x in paired.splitlines() if x.startswith("| lora |"))
+    assert line.endswith("| - | - |") and "+-" in line  # against full: a delta; against itself: none
+    assert expect_error(args[:8] + ["full,lora:init"] + args[9:], capsys).startswith("peftlab: error: 'lora:init'")
+    capsys.readouterr()
+
+
+def test_method_options_cannot_change_the_footing():
+    with pytest.raises(Exception, match="same for every variant"):
+        parse_methods("full,lora:max_steps=5")
+    with pytest.raises(Exception, match="same for every variant"):
+        parse_methods("lora:out=elsewhere")
+    from peftlab.experiment.compare import variant_folder
+
+    assert variant_folder("lora:targets=re:.*(q|v)_proj") == "lora-targets=re-.--q-v-_proj"
+    assert "/" not in variant_folder("lora:init=../../x")
+
+
+def test_paired_table_pairs_examples_by_index(tmp_path):
+    """Each variant against full and lora: ratio of corpus ROUGE-1, mean per-example delta +- its standard error."""
+    from peftlab.experiment.report import paired_table
+
+    def row(label, scores):
+        folder = tmp_path / label
+        (folder / "eval").mkdir(parents=True)
+        lines = [json.dumps({"index": i, "scores": {"rouge1": {"fmeasure": v}}}) for i, v in scores.items()]
+        (folder / "eval" / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+        return {"label": label, "rouge1": sum(scores.values()) / len(scores), "folder": str(folder)}
+
+    full = row("full", {0: 0.5, 1: 0.4, 2: 0.3})
+    lora = row("lora", {2: 0.1, 0: 0.4, 1: 0.4})  # another order: paired by index
+    other = row("other", {0: 0.5, 1: 0.4, 5: 0.3})  # other examples: not paired
+    headers, table = paired_table([full, lora, other])
+    assert headers == ["model", "rouge1", "vs full: ratio", "vs full: delta +- s.e.", "vs lora: ratio", "vs lora: delta +- s.e."]
+    diffs = [-0.1, 0.0, -0.2]
+    mean = sum(diffs) / 3
+    stderr = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
+    assert table[1] == ["lora", "0.3000", "75.0%", f"{mean:+.4f} +- {stderr:.4f}", "-", "-"]
+    assert table[0][4:] == ["133.3%", f"{-mean:+.4f} +- {stderr:.4f}"]
+    assert table[2][2:] == ["-", "-", "-", "-"]

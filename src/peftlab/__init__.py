@@ -16,9 +16,10 @@ __version__ = "0.1.0"
 _API = {
     "train": "peftlab.api", "evaluate": "peftlab.api", "generate": "peftlab.api", "score_files": "peftlab.api",
     "demo": "peftlab.api", "merge": "peftlab.api", "harness": "peftlab.api", "holistic": "peftlab.api", "compare": "peftlab.api", "sweep": "peftlab.api", "report": "peftlab.api",
-    "export": "peftlab.api", "forgetting": "peftlab.api",
+    "export": "peftlab.api", "forgetting": "peftlab.api", "merge_adapters": "peftlab.api",
     "CompareConfig": "peftlab.config", "SweepConfig": "peftlab.config", "MergeConfig": "peftlab.config", "TrainConfig": "peftlab.config", "EvalConfig": "peftlab.config",
     "GenerateConfig": "peftlab.config", "ScoreConfig": "peftlab.config", "DemoConfig": "peftlab.config", "ExportConfig": "peftlab.config",
+    "MergeAdaptersConfig": "peftlab.config",
     "UserError": "peftlab.errors",
 }
 __all__ = list(_API)

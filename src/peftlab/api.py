@@ -23,6 +23,7 @@ from peftlab.config import (
     HarnessConfig,
     HolisticConfig,
     InspectPromptConfig,
+    MergeAdaptersConfig,
     MergeConfig,
     ReportConfig,
     ScoreConfig,
@@ -135,6 +136,37 @@ def merge(config: MergeConfig | None = None, *, progress: ProgressFactory = sile
         model = merge_and_unload(model)
         model.save_pretrained(folder.work)
         loaded.tokenizer.save_pretrained(folder.work)
+    except BaseException:
+        folder.abandon()
+        raise
+    folder.commit()
+    return folder.final
+
+
+def merge_adapters(config: MergeAdaptersConfig | None = None, *, progress: ProgressFactory = silent, **options) -> Path:
+    """Combine LoRA adapters into one new LoRA adapter folder, as peft's ``add_weighted_adapter`` (``peftlab merge-adapters``)."""
+    from peftlab.models import load_structure
+    from peftlab.peft.merge import combine_adapters, read_lora, save_combined
+    from peftlab.serve.adapters import parse_adapter_specs
+
+    config = _config(MergeAdaptersConfig, config, options)
+    named = parse_adapter_specs(config.adapter)
+    inputs = [("--model", config.model)] + [("--adapter", folder) for folder in named.values()]
+    out = check_output_path(config.out, "--out", inputs, replaces_folder=True)
+    if out.is_dir() and any(out.iterdir()) and not config.overwrite:
+        raise UserError(f"--out {out} already holds files; pass --overwrite to replace them (they stay until the new "
+                        "adapter is written), or choose another --out")
+    adapters = [read_lora(name, folder, config.trust_pickle) for name, folder in named.items()]
+    combined = combine_adapters(load_structure(config.model, progress), adapters, config.weight_values, config.combination,
+                                config.density, config.seed, base_model_name_or_path=config.model)
+    record = {
+        "combination": combined.combination, "requested": config.combination, "rank": combined.rank,
+        "weights": config.weight_values, "density": config.density, "seed": config.seed, "model": config.model,
+        "adapters": [{"name": a.name, "path": str(a.folder), "rank": a.lora.rank, "scaling": a.lora.scaling} for a in adapters],
+    }
+    folder = RunFolder.prepare(config.out, overwrite=config.overwrite, resume=False)
+    try:
+        save_combined(combined, folder.work, record)
     except BaseException:
         folder.abandon()
         raise

@@ -32,6 +32,7 @@ from peftlab.config import (
     HarnessConfig,
     HolisticConfig,
     InspectPromptConfig,
+    MergeAdaptersConfig,
     MergeConfig,
     TemplatesConfig,
     ReportConfig,
@@ -164,6 +165,13 @@ def cmd_merge(config: MergeConfig) -> None:
     say(f"merged model: {out}")
 
 
+def cmd_merge_adapters(config: MergeAdaptersConfig) -> None:
+    out = api.merge_adapters(config, progress=progress)
+    record = json.loads((out / "merge.json").read_text())
+    count = len(record["adapters"])
+    say(f"{record['combination']} of {count} adapter{'s' if count > 1 else ''}, rank {record['rank']}: {out}")
+
+
 def cmd_export(config: ExportConfig) -> None:
     result = api.export(config, progress=progress)
     merged = f"{result.adapter_type} adapter {config.adapter} merged; " if result.adapter_type else ""
@@ -256,6 +264,7 @@ COMMANDS: dict[str, tuple[type, Callable]] = {
     "generate": (GenerateConfig, cmd_generate),
     "score": (ScoreConfig, cmd_score),
     "merge": (MergeConfig, cmd_merge),
+    "merge-adapters": (MergeAdaptersConfig, cmd_merge_adapters),
     "export": (ExportConfig, cmd_export),
     "compare": (CompareConfig, cmd_compare),
     "sweep": (SweepConfig, cmd_sweep),

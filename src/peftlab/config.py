@@ -190,8 +190,14 @@ class TrainConfig:
     alpha: float = option(16.0, "LoRA alpha: the update is scaled by alpha / r (alpha / sqrt(r) with --rslora).")
     dropout: float = option(0.05, "Dropout on the LoRA adapter's input.")
     rslora: bool = option(False, "Rank-stabilised LoRA scaling alpha / sqrt(r).")
+    init: str = option("kaiming", "How LoRA's A and B start: kaiming (A Kaiming-uniform, B = 0), gaussian (A normal), "
+                                  "pissa (the principal singular directions of W, which keeps the residual), "
+                                  "pissa_niter_N (the same by randomized SVD with N iterations, fast) or olora (a QR "
+                                  "factor of W). The saved adapter of pissa/olora applies to the original base (rank 2r).")
+    loraplus_ratio: float | None = option(None, "LoRA+: B's learning rate is R times A's (--lr); the paper and peft suggest 16.")
     targets: str | None = option(None, "Modules to adapt: comma-separated names or suffixes (q_proj,v_proj), all-linear, "
-                                       "or re:REGEX. Default: the architecture's (T5: q,v; Llama-style: q_proj,v_proj).")
+                                       "or re:REGEX. Default: all-linear for the LoRA family (every linear layer but the output head); "
+                                       "ia3: the architecture's k, v and feed-forward layers.")
     exclude: str | None = option(None, "Comma-separated names, suffixes or re:REGEX removed from --targets.")
     layers: str | None = option(None, "Only adapt these transformer blocks, e.g. 0-3,6 (default: all).")
     # --- QLoRA: a 4-bit NF4 base under LoRA-family adapters
@@ -239,6 +245,11 @@ class TrainConfig:
         _positive(self, "batch_size", "grad_accum", "max_steps", "epochs", "max_length", "max_target_length", "limit", "eval_limit")
         _positive(self, "eval_every", "save_every", "weight_decay", allow_zero=True)
         _positive(self, "log_every", "lr", "max_grad_norm", "keep_checkpoints")
+        if method_table.get(self.method).family != "reparameterisation":
+            for name, default in (("init", "kaiming"), ("loraplus_ratio", None)):
+                if getattr(self, name) != default:
+                    raise UserError(f"--{flag(name)} applies to the LoRA family (lora, dora, qlora), not --method {self.method}")
+        _positive(self, "loraplus_ratio")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.resume and self.overwrite:
@@ -250,6 +261,9 @@ class TrainConfig:
         from peftlab.training.methods import check_options
 
         check_options(self)
+        if self.init not in ("kaiming", "gaussian") and (self.method == "qlora" or self.quantize):
+            raise UserError(f"--init {self.init} starts from the float base weights, not a 4-bit base: use it with "
+                            "--method lora without --quantize, or keep --init kaiming for QLoRA")
 
     @property
     def learning_rate(self) -> float:
@@ -323,6 +337,60 @@ class MergeConfig:
                                            "dequantised weights.")
     trust_pickle: bool = trust_pickle_option("Allow loading a pickled (.bin) adapter. Only for files you trust.")
     overwrite: bool = option(False, "Replace a model already in --out (the old one is kept until the new one is written).")
+
+
+ADAPTER_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")  # peftlab.peft.merge.COMBINATIONS
+SPARSIFYING_COMBINATIONS = ("ties", "dare_linear", "dare_ties")
+
+
+@dataclass
+class MergeAdaptersConfig:
+    """``peftlab merge-adapters``: combine LoRA adapters into one new LoRA adapter, as peft's add_weighted_adapter."""
+
+    model: str = option(REQUIRED, "Base model the adapters were trained on (only its layer names and shapes are read).")
+    out: str = option(REQUIRED, "Folder for the new adapter (adapter_config.json, adapter_model.safetensors, merge.json).")
+    adapter: list[str] = option([], "An adapter to combine, as NAME=DIR (one flag per adapter, in the order of --weights).")
+    combination: str = option("svd", "How to combine (peft's combination_type): cat (exact, rank = sum of ranks), svd "
+                                     "(rank = largest rank), linear, ties, dare_linear, dare_ties (equal ranks).",
+                              choices=ADAPTER_COMBINATIONS)
+    weights: str | None = option(None, "Comma-separated weight of each adapter, e.g. 0.6,0.4 (None: 1 each); a negative "
+                                       "one subtracts (write --weights=-0.5,1 when the first is).")
+    density: float | None = option(None, "Fraction of entries kept, in (0, 1]; needed by ties, dare_linear and dare_ties.")
+    seed: int = option(42, "Seed of DARE's random masks (equal to peft's after torch.manual_seed(seed)).")
+    trust_pickle: bool = trust_pickle_option("Allow loading pickled (.bin) adapters. Only for files you trust.")
+    overwrite: bool = option(False, "Replace an adapter already in --out (the old one stays until the new one is written).")
+
+    def __post_init__(self) -> None:
+        validate_choices(self)
+        if not self.adapter:
+            raise UserError("give the adapters to combine: --adapter NAME=DIR, once for each")
+        if isinstance(self.weights, (list, tuple)):  # from the Python API
+            self.weights = ",".join(str(w) for w in self.weights)
+        weights = self.weight_values
+        if len(weights) != len(self.adapter):
+            raise UserError(f"--weights gives {len(weights)} weight{'s' if len(weights) > 1 else ''} for {len(self.adapter)} "
+                            "adapters: give one per --adapter, in the same order")
+        if self.combination in SPARSIFYING_COMBINATIONS:
+            if self.density is None:
+                raise UserError(f"--combination {self.combination} needs --density, the fraction of entries kept, in "
+                                "(0, 1]: e.g. --density 0.5")
+            if not 0 < self.density <= 1:
+                raise UserError(f"--density must be in (0, 1], got {self.density}: e.g. --density 0.5")
+        elif self.density is not None:
+            raise UserError(f"--density is used by ties, dare_linear and dare_ties only: drop it for "
+                            f"--combination {self.combination}")
+
+    @property
+    def weight_values(self) -> list[float]:
+        if self.weights is None:
+            return [1.0] * len(self.adapter)
+        try:
+            values = [float(w) for w in self.weights.split(",")]
+        except ValueError:
+            raise UserError(f"--weights {self.weights!r} is not comma-separated numbers, e.g. 0.6,0.4") from None
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--weights {self.weights!r} must be finite numbers")
+        return values
 
 
 @dataclass

@@ -34,16 +34,20 @@ class MethodFacts:
     """``peftlab merge`` folds the adapter into the base weights (the LoRA family)."""
     quantised_base: QuantisedBase = "never"
     """A 4-bit NF4 base: always (qlora), optional (``--quantize nf4``), never."""
+    default_targets: str | None = None
+    """``--targets`` when not given (None: the method's per-architecture default). The LoRA family adapts every
+    linear layer but the output head: on DialogSum (embedded model, 50 steps of 8) q,v alone reached 89% of full
+    fine-tuning's ROUGE-1 and all-linear 96-97% (README, "LoRA: defaults, PiSSA / OLoRA, LoRA+")."""
 
 
 TABLE: tuple[MethodFacts, ...] = (
     MethodFacts("full", "full", "every weight", 5e-5, "HF model folder"),
     MethodFacts("lora", "reparameterisation", "low-rank update B A of each targeted weight", 1e-3, "peft LORA",
-                mergeable=True, quantised_base="optional"),
+                mergeable=True, quantised_base="optional", default_targets="all-linear"),
     MethodFacts("dora", "reparameterisation", "B A and a magnitude per output feature", 1e-3, "peft LORA",
-                mergeable=True, quantised_base="optional"),
+                mergeable=True, quantised_base="optional", default_targets="all-linear"),
     MethodFacts("qlora", "reparameterisation", "LoRA on a frozen 4-bit NF4 base", 1e-3, "peft LORA",
-                mergeable=True, quantised_base="always"),
+                mergeable=True, quantised_base="always", default_targets="all-linear"),
     MethodFacts("adapter", "additive", "bottleneck layers", 1e-3, "BOTTLENECK (ours)"),
     MethodFacts("prompt", "additive", "soft prompt", 3e-2, "peft PROMPT_TUNING"),
     MethodFacts("prefix", "additive", "key/value prefixes (MLP folded at save)", 1e-3, "peft PREFIX_TUNING"),

@@ -34,7 +34,8 @@ COMMON = ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "schedule", "
           "max_grad_norm", "max_length", "max_target_length", "chat_template", "seed", "dtype")
 """Training fields every card shows; the method's own follow (:data:`METHOD_FIELDS`)."""
 METHOD_FIELDS = {
-    "lora": ("rank", "alpha", "dropout", "rslora", "targets", "exclude", "layers", "quantize", "compute_dtype"),
+    "lora": ("rank", "alpha", "dropout", "rslora", "init", "loraplus_ratio", "targets", "exclude", "layers", "quantize",
+             "compute_dtype"),
     "additive": ("reduction_factor", "adapter_placement"),
     "prompt": ("num_virtual_tokens", "prompt_init", "prompt_init_text"),
     "prefix": ("num_virtual_tokens",),

@@ -429,6 +429,23 @@ def load_model(
     )
 
 
+def load_structure(name: str, progress: ProgressFactory = silent) -> PreTrainedModel:
+    """The model's modules without their weights (on the meta device): layer names, order and shapes, read from
+    its config alone (``name`` as for :func:`load_model`)."""
+    path, is_local = _resolve(str(name), progress)
+    with _quiet_transformers():
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            if is_local:
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"could not read the model config in {path}: {detail}") from err
+            raise UserError(f"could not load model {name!r} from the Hugging Face hub (offline or not found); "
+                            f"download it and pass the local folder, or use a built-in alias: {_alias_list()}") from err
+        with torch.device("meta"):
+            return _auto_class(config).from_config(config)
+
+
 def load_for_inference(model: str, adapter: str | None, dtype: str, device: str, trust_pickle: bool = False,
                        progress: ProgressFactory = silent, quantize: str | None = None) -> LoadedModel:
     """The base model (stored as 4-bit NF4 with ``quantize="nf4"``), with a PEFT adapter applied when one is given."""

@@ -53,7 +53,11 @@ class Variant:
 
 
 def parse_methods(text: str) -> list[Variant]:
-    """``base,fewshot:3,full,lora`` -> variants; unknown names fail with the list of known ones."""
+    """``base,fewshot:3,full,lora,lora:init=pissa`` -> variants; unknown names fail with the list of known ones.
+
+    A training method may carry its own options after colons, ``METHOD:KEY=VALUE[:KEY=VALUE...]``
+    (``lora:init=olora``, ``lora:lr=2e-3:targets=all-linear``), on top of ``--train-options``; a value
+    holds no comma (several targets: ``targets=re:.*(q|v)_proj``). The label is the item as written."""
     variants = []
     for item in [x.strip() for x in text.split(",") if x.strip()]:
         name, _, arg = item.partition(":")
@@ -63,8 +67,8 @@ def parse_methods(text: str) -> list[Variant]:
             if not arg.isdigit() or int(arg) <= 0:
                 raise UserError(f"'{item}': write fewshot:K with K > 0 training examples in the prompt, e.g. fewshot:3")
             variants.append(Variant(item, "fewshot", fewshot=int(arg)))
-        elif name in method_table.METHODS and not arg:
-            variants.append(Variant(name, name, {"method": name}))
+        elif name in method_table.METHODS:
+            variants.append(Variant(item, name, {**_variant_options(item, arg), "method": name}))
         else:
             known = ", ".join(("base", "fewshot:K", *method_table.NAMES))
             raise UserError(f"unknown method '{item}' in --methods; choose from {known}")
@@ -73,6 +77,36 @@ def parse_methods(text: str) -> list[Variant]:
     if len({v.label for v in variants}) != len(variants):
         raise UserError(f"--methods lists a method twice: {text}")
     return variants
+
+
+def _variant_options(item: str, text: str) -> dict:
+    """The ``KEY=VALUE`` options of ``METHOD:KEY=VALUE:...`` (none for a bare method)."""
+    if not text:
+        return {}
+    parts = re.split(r":(?=[A-Za-z_-]+=)", text)
+    if not all("=" in part for part in parts):
+        raise UserError(f"'{item}': options of a method are written METHOD:KEY=VALUE[:KEY=VALUE], e.g. lora:init=pissa")
+    from peftlab.config import check_keys, coerce
+
+    options = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        name = key.strip().lstrip("-").replace("-", "_")
+        check_keys(TrainConfig, {name: None}, f"--methods ({item})")
+        if name in _FOOTING:
+            raise UserError(f"'{item}': {name} is the same for every variant of a compare (set it with --{name.replace('_', '-')} "
+                            "or --train-options); a method's own options are its hyperparameters, e.g. lr, rank, init")
+        try:
+            options[name] = coerce(TrainConfig, name, yaml.safe_load(value))
+        except yaml.YAMLError:
+            raise UserError(f"'{item}': cannot read the value of {name} ({value!r}); write it plainly, e.g. {name}=VALUE") from None
+    return options
+
+
+# What every variant of a compare shares (data, budget, seed, where it runs): not a method's option.
+_FOOTING = ("model", "data", "task", "out", "template", "split_fractions", "split_seed", "limit", "epochs", "max_steps",
+            "batch_size", "grad_accum", "seed", "max_length", "eval_limit", "dtype", "device", "method", "resume",
+            "resume_from", "overwrite", "report_to", "tracking_dir", "experiment", "run_name")
 
 
 def parse_options(text: str | None) -> dict:
@@ -263,18 +297,23 @@ def _check_settings(out: Path, config) -> None:
     write_atomic(stored_path, json.dumps({"kind": type(config).__name__, "shared": current, "config": to_dict(config)}, indent=2))
 
 
+def variant_folder(label: str) -> str:
+    """A variant's folder name: its label with ':' (and anything not safe in a path) as '-'."""
+    return re.sub(r"[^A-Za-z0-9._=+,-]", "-", label)
+
+
 def run_experiment(config: CompareConfig | SweepConfig, variants: list[Variant], log: Callable[[str], None] = lambda _: None) -> ExperimentResult:
     inputs = [("--model", config.model), ("--data", config.data), ("--template", config.template)]
     out = check_output_path(config.out, "--out", inputs, writes=("experiment.json", "results.json", "report.md", "report.html"))
     _check_settings(out, config)
     rows, skipped = [], []
     for i, variant in enumerate(variants, 1):
-        folder = out / "variants" / variant.label.replace(":", "-")
+        folder = out / "variants" / variant_folder(variant.label)
         done = folder / "result.json"
         if done.is_file():
             log(f"[{i}/{len(variants)}] {variant.label}: finished earlier, skipped")
             skipped.append(variant.label)
-            rows.append(read_saved(done, "label"))
+            rows.append({**read_saved(done, "label"), "folder": str(folder)})  # where it is now (a moved --out too)
             continue
         log(f"[{i}/{len(variants)}] {variant.label}")
         try:

@@ -104,9 +104,51 @@ def sweep_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
                       _fmt(r.get("train_loss")), _fmt(r["rouge1"]), _fmt(r["rougeL"]), _fmt(r["bleu"])] for r in rows]
 
 
+PAIRED_REFERENCES = ("full", "lora")  # the rows every other variant is compared with, example by example
+PAIRED_LEGEND = ("Paired over the same test examples: delta = mean of (variant - reference) per-example ROUGE-1, "
+                 "+- its standard error (sample standard deviation of the differences / sqrt(n)); ratio = the "
+                 "variant's corpus ROUGE-1 / the reference's.")
+
+
+def _per_example(row: dict, metric: str) -> dict[int, float] | None:
+    """Test example index -> the variant's score on it (F-measure), from its predictions.jsonl."""
+    path = Path(row.get("folder", "")) / "eval" / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["index"]: r["scores"][metric]["fmeasure"] for r in records}
+
+
+def paired_table(rows: list[dict], metric: str = "rouge1") -> tuple[list[str], list[list[str]]] | None:
+    """Each variant against full fine-tuning and plain LoRA (when they ran): ratio, paired delta +- standard error."""
+    from peftlab.eval.harness.metrics import mean_and_stderr
+
+    references = [r for name in PAIRED_REFERENCES for r in rows if r["label"] == name]
+    scores = {r["label"]: _per_example(r, metric) for r in rows}
+    references = [r for r in references if scores[r["label"]]]
+    if not references:
+        return None
+    headers = ["model", metric] + [f"vs {r['label']}: {h}" for r in references for h in ("ratio", "delta +- s.e.")]
+    table = []
+    for row in rows:
+        cells = [row["label"], _fmt(row[metric])]
+        for ref in references:
+            mine, theirs = scores[row["label"]], scores[ref["label"]]
+            if row is ref or not mine or mine.keys() != theirs.keys():  # paired only over the same test examples
+                cells += ["-", "-"]
+                continue
+            delta, stderr = mean_and_stderr([mine[i] - theirs[i] for i in sorted(mine)])
+            ratio = f"{100 * row[metric] / ref[metric]:.1f}%" if ref[metric] else "-"
+            cells += [ratio, f"{delta:+.4f} +- {stderr:.4f}"]
+        table.append(cells)
+    return headers, table
+
+
 def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    def line(cells: list[str]) -> str:  # a | inside a cell (a label like targets=re:.*(q|v)_proj) must not split it
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|"] + [line(row) for row in rows])
 
 
 def _loss_curve(row: dict) -> tuple[list[int], list[float], list[tuple[int, float]]]:
@@ -227,6 +269,7 @@ def write_report(run_dir: str | Path) -> Path:
         raise UserError(f"{run_dir}/results.json holds no finished variant yet")
     rouge_h, rouge_rows = rouge_table(rows)
     trade_h, trade_rows = tradeoff_table(rows)
+    paired = paired_table(rows)
     samples = examples(rows)
     title = "peftlab sweep" if kind == "SweepConfig" else "peftlab compare"
 
@@ -234,8 +277,11 @@ def write_report(run_dir: str | Path) -> Path:
     md = [f"# {title}", ""]
     if sweep:
         md += ["## Sweep: validation loss and quality", "", markdown_table(*sweep), ""]
-    md += ["## ROUGE", "", markdown_table(rouge_h, rouge_rows), "",
-          "## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
+    md += ["## ROUGE", "", markdown_table(rouge_h, rouge_rows), ""]
+    if paired:
+        md += ["## ROUGE-1 against full fine-tuning and plain LoRA, example by example", "", markdown_table(*paired), "",
+               PAIRED_LEGEND, ""]
+    md += ["## Trade-offs (memory, parameters, training speed, inference cost, performance)", "",
           markdown_table(trade_h, trade_rows), "", TRADEOFF_LEGEND, ""]
     if failed:
         md += ["## Not run", ""] + [f"- {r['label']}: {r['error']}" for r in failed] + [""]
@@ -260,8 +306,11 @@ def write_report(run_dir: str | Path) -> Path:
     parts = [f"<h1>{title}</h1>"]
     if sweep:
         parts += ["<h2>Sweep: validation loss and quality</h2>", html_table(*sweep)]
-    parts += ["<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows),
-             "<h2>Trade-offs</h2>", html_table(trade_h, trade_rows), f"<p>{html.escape(TRADEOFF_LEGEND)}</p>"]
+    parts += ["<h2>ROUGE</h2>", html_table(rouge_h, rouge_rows)]
+    if paired:
+        parts += ["<h2>ROUGE-1 against full fine-tuning and plain LoRA, example by example</h2>", html_table(*paired),
+                  f"<p>{html.escape(PAIRED_LEGEND)}</p>"]
+    parts += ["<h2>Trade-offs</h2>", html_table(trade_h, trade_rows), f"<p>{html.escape(TRADEOFF_LEGEND)}</p>"]
     if failed:
         parts += ["<h2>Not run</h2>", html_table(["method", "why"], [[r["label"], r["error"]] for r in failed])]
     for name, data in figures.items():

@@ -5,9 +5,31 @@ and learns a low-rank update::
 
     h = W x + b + s * B A dropout(x)        A: (r, in), B: (out, r), s = alpha / r
 
-A is initialised Kaiming-uniform with a = sqrt(5) (the ``nn.Linear`` default, as in the LoRA
-reference code ``loralib`` and HF peft) and B with zeros, so training starts from the base model.
 A 512 x 64 weight with r = 8 trains 8*64 + 512*8 = 4,608 numbers instead of 32,768 (86% fewer).
+
+Initialisation (``init``, peft's ``init_lora_weights``):
+
+- ``kaiming`` (default; peft's ``True``): A Kaiming-uniform with a = sqrt(5) (the ``nn.Linear``
+  default, as in the LoRA reference code ``loralib``), B = 0: training starts from the base model.
+- ``gaussian``: A ~ N(0, (1/r)^2), B = 0.
+- ``pissa`` (Meng et al. 2024, https://arxiv.org/abs/2404.02948): A and B start on the r principal
+  singular directions of W = U S V^T and the frozen weight becomes the residual::
+
+      B0 = U_r sqrt(S_r / s),  A0 = sqrt(S_r / s) V_r^T,  W_res = W - s B0 A0
+
+  so the model is unchanged at step 0 but the adapter trains the directions that matter most.
+  ``pissa_niter_N`` finds U_r, S_r, V_r by N subspace iterations of randomized SVD (``torch.svd_lowrank``,
+  Halko et al.): much faster on large matrices, random (seeded by the run).
+- ``olora`` (Büyükakyüz 2024, https://arxiv.org/abs/2406.01775): from the QR factorisation W = Q R,
+  B0 = Q[:, :r], A0 = R[:r], W_res = W - s B0 A0.
+
+PiSSA and OLoRA change the frozen weight, so an adapter trained on W_res does not fit W. Saved, it is
+converted as peft converts it (``path_initial_model_for_weight_conversion``): the trained update minus
+the initial one is exactly a LoRA of rank 2r on the original W::
+
+    s (B A - B0 A0) = s [B | -B0] [A ; A0],   r' = 2r, alpha' = 2 alpha (rsLoRA: sqrt(2) alpha)
+
+so the adapter file applies to the unmodified base, in peftlab and in peft (twice the plain size).
 
 rsLoRA (Kalajdzievski 2023, https://arxiv.org/abs/2312.03732) uses s = alpha / sqrt(r), which keeps
 the update's scale stable as r grows.
@@ -35,6 +57,7 @@ is cast to it and the sum is cast back to the base layer's output dtype.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +72,7 @@ from peftlab.peft.core import (
     LAYER_PATTERN,
     WrappedLinear,
     adapter_modules,
+    adapter_state_dict,
     dtype_named,
     freeze_all_but_adapters,
     get_module,
@@ -74,7 +98,8 @@ class LoraConfig:
     """Dropout probability on the adapter's input (the base path sees the raw input)."""
     targets: str | Sequence[str] | None = None
     """What to adapt: names or suffixes (``q_proj``), ``re:<regex>``, ``all-linear``, a list of these or a
-    comma-separated string (``"q_proj,v_proj"``); None: the model type's default."""
+    comma-separated string (``"q_proj,v_proj"``); None: the model type's default (q, v, as peft's; ``peftlab
+    train`` defaults to all-linear instead, see ``method_table``)."""
     exclude: str | Sequence[str] = ()
     """Patterns removed from the selection (same syntax as ``targets``)."""
     layers: str | Sequence[int] | None = None
@@ -85,8 +110,14 @@ class LoraConfig:
     """Weight-decomposed LoRA: learn a per-row magnitude on top of the low-rank direction update."""
     adapter_dtype: str = "float32"
     """dtype of the adapter weights: float32 (default, also on a bfloat16 base), bfloat16, float16 or float64."""
+    init: str = "kaiming"
+    """How A and B start: kaiming, gaussian, pissa, pissa_niter_N or olora (see the module docstring)."""
 
     def __post_init__(self) -> None:
+        check_init(self.init)
+        if self.dora and changes_base(self.init):
+            raise UserError(f"LoRA init {self.init} changes the base weight, which peftlab's DoRA does not support: "
+                            "use --init pissa/olora with --method lora, or --init kaiming with DoRA")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise UserError(f"LoRA rank must be a positive integer, got {self.rank!r}: use e.g. --rank 8")
         if not self.alpha > 0:
@@ -101,6 +132,38 @@ class LoraConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+
+PLAIN_INITS = ("kaiming", "gaussian")  # B = 0: the base weight stays as it is
+WEIGHT_INITS = ("pissa", "olora")  # from W, which becomes the residual (also pissa_niter_N)
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def check_init(init: str) -> None:
+    if init not in PLAIN_INITS + WEIGHT_INITS and not _PISSA_NITER.fullmatch(init):
+        raise UserError(f"unknown LoRA init {init!r}: choose kaiming, gaussian, pissa, pissa_niter_N (e.g. "
+                        "pissa_niter_4: randomized SVD with 4 iterations) or olora")
+
+
+def changes_base(init: str) -> bool:
+    """PiSSA and OLoRA start from W and leave the residual in the frozen weight."""
+    return init not in PLAIN_INITS
+
+
+def principal_factors(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of PiSSA or OLoRA for a float32 ``weight`` (out, in), such that s B0 A0 is the part of W the
+    adapter takes over: (r, in) and (out, r)."""
+    if init == "olora":
+        q, r_factor = torch.linalg.qr(weight)  # (out, k), (k, in)
+        return r_factor[:rank].contiguous(), q[:, :rank].contiguous()
+    if init == "pissa":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)  # W = U diag(S) V^T
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    else:  # pissa_niter_N: randomized SVD
+        u, s, v = torch.svd_lowrank(weight, rank, niter=int(_PISSA_NITER.fullmatch(init)[1]))
+        vh = v.t()
+    root = torch.sqrt(s / scaling)  # (r,)
+    return root[:, None] * vh, u * root[None, :]  # A0 = sqrt(S/s) V^T, B0 = U sqrt(S/s)
 
 
 class LoraVariant:
@@ -216,6 +279,7 @@ class LoraLinear(WrappedLinear):
         rslora: bool = False,
         dora: bool = False,
         adapter_dtype: torch.dtype = torch.float32,
+        init: str = "kaiming",
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -226,11 +290,43 @@ class LoraLinear(WrappedLinear):
         factory = {"device": base_layer.weight.device, "dtype": adapter_dtype}
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, **factory)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        self.init = init
+        self._initialise(init)
         self.variant: LoraVariant = DoraVariant() if dora else LoraVariant()
         self.variant.init(self)
         self.merged = False
+
+    @torch.no_grad()
+    def _initialise(self, init: str) -> None:
+        """A and B as ``init`` says; PiSSA / OLoRA also turn the base weight into the residual and keep
+        (A0, B0) as buffers ``lora_A_initial`` / ``lora_B_initial`` (not saved) for the conversion at save."""
+        nn.init.zeros_(self.lora_B.weight)
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            return
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.rank)
+            return
+        if isinstance(self.base_layer, NF4Linear) or not self.base_layer.weight.is_floating_point():
+            raise UserError(f"LoRA init {init} (PiSSA / OLoRA) starts from floating-point base weights, not a 4-bit "
+                            "base: train with --init kaiming on a 4-bit base, or load this adapter without --quantize")
+        weight = self.base_layer.weight
+        a0, b0 = principal_factors(weight.to(torch.float32), self.rank, self.scaling, init)
+        self.lora_A.weight.copy_(a0)
+        self.lora_B.weight.copy_(b0)
+        a0, b0 = self.lora_A.weight.float(), self.lora_B.weight.float()  # as stored (rounded in a low adapter dtype)
+        weight.data = (weight.to(torch.float32) - self.scaling * (b0 @ a0)).to(weight.dtype)  # W_res
+        self.register_buffer("lora_A_initial", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("lora_B_initial", self.lora_B.weight.detach().clone(), persistent=False)
+
+    @property
+    def changes_base(self) -> bool:
+        return changes_base(self.init)
+
+    def converted_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A', B') of rank 2r with s B' A' = s (B A - B0 A0): the adapter for the unmodified base weight."""
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        return torch.cat([a, self.lora_A_initial], dim=0), torch.cat([b, -self.lora_B_initial], dim=1)
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight,
@@ -289,6 +385,8 @@ def apply_lora(model: nn.Module, config: LoraConfig, strict: bool = True) -> nn.
             f"LoRA rank {config.rank} is larger than layer {path} allows: its weight is "
             f"{rows} x {cols}; use --rank {min(rows, cols)} or less"
         )
+    if changes_base(config.init):
+        check_not_shared(model, paths, config.init)
     for path in paths:
         base = get_module(model, path)
         layer = LoraLinear(
@@ -299,10 +397,22 @@ def apply_lora(model: nn.Module, config: LoraConfig, strict: bool = True) -> nn.
             rslora=config.rslora,
             dora=config.dora,
             adapter_dtype=DTYPES[config.adapter_dtype],
+            init=config.init,
         )
         replace_module(model, path, layer.train(base.training))  # a model in eval mode stays in eval mode
     freeze_all_but_adapters(model)
     return model
+
+
+def check_not_shared(model: nn.Module, paths: list[str], init: str) -> None:
+    """PiSSA / OLoRA rewrite the weight as the residual: refuse a weight another module shares (a tied output head)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    for path in paths:
+        if counts.get(id(get_module(model, path).weight), 0) > 1:
+            raise UserError(f"LoRA init {init} would turn {path}.weight into a residual, but that weight is shared "
+                            "(tied to another module): leave it out of --targets or use --init kaiming")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
@@ -359,16 +469,23 @@ _UNSUPPORTED_LORA_FIELDS = {
 _PLAIN_LORA_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
 
+def _init_from_json(value: Any) -> str:
+    """peft's ``init_lora_weights`` -> our ``init``. A plain init is overwritten by the loaded weights; an unconverted
+    PiSSA / OLoRA file expects the residual base, which peft rebuilds on load by redoing the init: so do we."""
+    if value in _PLAIN_LORA_INITS:
+        return "kaiming"
+    if isinstance(value, str) and (value in WEIGHT_INITS or _PISSA_NITER.fullmatch(value)):
+        return value
+    raise UserError(f"this LoRA adapter uses init_lora_weights={value!r}, which changes the base weights or the "
+                    "forward: convert it to plain LoRA with peft first")
+
+
 def lora_config_from_json(data: dict[str, Any]) -> LoraConfig:
     for name, off in _UNSUPPORTED_LORA_FIELDS.items():
         value = data.get(name, off)
         if value != off and value not in (None, False, {}, []):
             raise UserError(f"this LoRA adapter uses peft's {name}={value!r}, which peftlab does not support")
-    if data.get("init_lora_weights", True) not in _PLAIN_LORA_INITS:
-        raise UserError(
-            f"this LoRA adapter uses init_lora_weights={data['init_lora_weights']!r}, which changes the base "
-            "weights or the forward: convert it to plain LoRA with peft first"
-        )
+    init = _init_from_json(data.get("init_lora_weights", True))
     layers = data.get("layers_to_transform")
     patterns = data.get("layers_pattern")
     patterns = [patterns] if isinstance(patterns, str) else patterns or []
@@ -383,14 +500,20 @@ def lora_config_from_json(data: dict[str, Any]) -> LoraConfig:
         layers=layers,
         rslora=data.get("use_rslora", False),
         dora=data.get("use_dora", False),
+        init=init,
     )
 
 
 def lora_config_to_json(config: LoraConfig, model: nn.Module) -> dict[str, Any]:
-    """peft's LoraConfig fields; only long-standing ones, so that older peft versions read the file too."""
+    """peft's LoraConfig fields; only long-standing ones, so that older peft versions read the file too.
+
+    A PiSSA / OLoRA adapter is written converted (see the module docstring): rank 2r, alpha scaled to keep s."""
+    rank, alpha = config.rank, config.alpha
+    if any(layer.changes_base for layer in lora_layers(model).values()):
+        rank, alpha = 2 * rank, (alpha * math.sqrt(2) if config.rslora else 2 * alpha)
     return {
-        "r": config.rank,
-        "lora_alpha": config.alpha,
+        "r": rank,
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         **lora_target_fields(model),
         "use_rslora": config.rslora,
@@ -425,6 +548,15 @@ def lora_target_fields(model: nn.Module) -> dict[str, Any]:
     return {"target_modules": paths_regex(paths), "layers_to_transform": None, "layers_pattern": None}
 
 
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter file holds: A, B (and DoRA's magnitudes); PiSSA / OLoRA layers converted to rank 2r."""
+    tensors = adapter_state_dict(model)
+    for path, layer in lora_layers(model).items():
+        if layer.changes_base:
+            tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"] = layer.converted_factors()
+    return tensors
+
+
 register_format(
     "LORA",
     AdapterFormat(
@@ -432,5 +564,6 @@ register_format(
         config_from_json=lora_config_from_json,
         config_to_json=lora_config_to_json,
         apply=lambda model, config: apply_lora(model, config, strict=False),
+        state_dict=lora_state_dict,
     ),
 )

@@ -31,7 +31,7 @@ from torch import nn
 from peftlab.errors import UserError
 from peftlab.peft.core import get_module, replace_module
 from peftlab.peft.formats import FORMATS, load_adapter, read_adapter_config, read_adapter_tensors
-from peftlab.peft.lora import LoraConfig
+from peftlab.peft.lora import LoraConfig, changes_base
 from peftlab.peft.prompt_tuning import FILE_KEY as PROMPT_KEY
 from peftlab.serve.mixed_lora import MixedLoraLinear, RowAdapters
 
@@ -193,7 +193,7 @@ class AdapterSet:
                 raise UserError(f"{path} holds no ({config.num_virtual_tokens}, {width}) prompt_embeddings: "
                                 "was it trained for another base model?")
             return Adapter(name, path, "prompt", peft_type, prompt=prompt[: config.num_virtual_tokens].float())
-        if peft_type == "LORA" and isinstance(config, LoraConfig) and not config.dora:
+        if peft_type == "LORA" and isinstance(config, LoraConfig) and not config.dora and not changes_base(config.init):
             return Adapter(name, path, "lora", peft_type, lora=self._lora_tensors(path, config, fmt), scaling=config.scaling)
         return Adapter(name, path, "own", peft_type)
 

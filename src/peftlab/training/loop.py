@@ -237,7 +237,8 @@ def check_resume(run: RunFolder, config: TrainConfig, log: Callable[[str], None]
         raise UserError(f"the run in {run.final} already finished ({steps} steps, model in {run.final / 'final'}); "
                         f"nothing to resume: use --overwrite to train it again, or a new --out")
     ours = _result_settings(to_dict(config), world_size)
-    theirs = _result_settings(stored, (info.get("distributed") or {}).get("world_size", 1))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    theirs = _result_settings({**defaults, **stored}, (info.get("distributed") or {}).get("world_size", 1))
     changed = sorted(k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k])
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {theirs[k]!r} -> {ours[k]!r}" for k in changed)
@@ -324,8 +325,10 @@ def final_model(config: TrainConfig, setup: ModelSetup, weights: dict[str, torch
         return setup.model
     loaded = load_model(config.model, dtype=config.dtype, device="cpu", quantize=setup.method.base_quantization(config),
                         compute_dtype=config.compute_dtype)
+    torch.manual_seed(config.seed)
     model = setup.method.prepare(loaded, config)
     methods.load_trainable_state(model, weights)
+    methods.copy_initial_factors(setup.model, model)
     return model
 
 
@@ -523,8 +526,10 @@ def total_steps(config: TrainConfig, n_train: int, world_size: int = 1) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
 
-def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: weight decay on matrices only, nanoGPT's rule (``configure_optimizers``).
+def param_groups(named_params: list[tuple[str, torch.nn.Parameter]], weight_decay: float, lr: float,
+                 loraplus_ratio: float | None = None) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only, nanoGPT's rule (``configure_optimizers``);
+    with LoRA+ a learning rate ``loraplus_ratio`` times larger for B.
 
     nanoGPT decays tensors with ``p.dim() >= 2``; here a dimension of size 1 does not count, because
     IA3 keeps its scaling vectors as (out, 1) or (1, in), peft's shapes. Decayed: weight matrices and
@@ -534,14 +539,18 @@ def param_groups(params: list[torch.nn.Parameter], weight_decay: float) -> list[
     (peft / HF Trainer decay everything but biases and norm weights, so they do decay IA3 vectors and
     DoRA magnitudes.) A LoRA of rank 1 or a single virtual token is a vector by this rule and not decayed.
 
-    Parameters with the same decay share one group, in model order: without ``--weight-decay`` that is
-    one group of every trainable parameter.
+    LoRA+ (Hayou et al. 2024, https://arxiv.org/abs/2402.12354): B, which starts at zero, learns at
+    lr x ratio and A at lr; as in peft's ``create_loraplus_optimizer``, vectors (DoRA magnitudes) go with B.
+
+    Parameters with the same decay and learning rate share one group, in model order: without
+    ``--weight-decay`` and LoRA+ that is one group of every trainable parameter.
     """
-    groups: dict[float, list[torch.nn.Parameter]] = {}
-    for p in params:
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, p in named_params:
         is_matrix = sum(size > 1 for size in p.shape) >= 2
-        groups.setdefault(weight_decay if is_matrix else 0.0, []).append(p)
-    return [{"params": group, "weight_decay": decay} for decay, group in groups.items()]
+        fast = loraplus_ratio is not None and ("lora_B" in name or p.ndim == 1)
+        groups.setdefault((weight_decay if is_matrix else 0.0, lr * loraplus_ratio if fast else lr), []).append(p)
+    return [{"params": group, "weight_decay": decay, "lr": group_lr} for (decay, group_lr), group in groups.items()]
 
 
 @dataclass
@@ -555,9 +564,11 @@ class Optimization:
 
 
 def build_optimizer(config: TrainConfig, model, steps: int) -> Optimization:
-    """AdamW over the trainable parameters; the learning rate warms up linearly, then follows ``--schedule``."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(param_groups(params, config.weight_decay), lr=config.learning_rate)
+    """AdamW over the trainable parameters (LoRA+: B faster); the learning rate warms up linearly, then follows ``--schedule``."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    groups = param_groups(named, config.weight_decay, config.learning_rate, config.loraplus_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     warmup = int(config.warmup_ratio * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config.schedule, warmup, steps))
     return Optimization(optimizer, scheduler, params, steps)
@@ -637,9 +648,9 @@ def restore(config: TrainConfig, checkpoints: Path, setup: ModelSetup, optim: Op
                                   lambda w: methods.load_trainable_state(setup.model, w))
         try:
             dist.load_optimizer_state(setup.step_model, optim.optimizer, opt_state)
-        except ValueError as e:  # parameter groups differ: --weight-decay changed which tensors decay
+        except ValueError as e:  # parameter groups differ: --weight-decay or --loraplus-ratio changed the groups
             raise UserError(f"the optimizer state in {chosen} does not fit this run ({e}); resume with the original "
-                            f"--weight-decay or start a new run") from None
+                            f"--weight-decay and --loraplus-ratio or start a new run") from None
     optim.scheduler.load_state_dict(saved["scheduler"])
     own_rng = ckpt.rank_rng_state(rng, dist.rank)
     if own_rng is not None:

@@ -24,9 +24,10 @@ from peftlab.peft.core import ParameterReport, parameter_report  # noqa: F401  (
 
 
 def lora_config(config) -> peft.LoraConfig:
-    return peft.LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=config.targets,
+    targets = config.targets if config.targets is not None else method_table.get(config.method).default_targets
+    return peft.LoraConfig(rank=config.rank, alpha=config.alpha, dropout=config.dropout, targets=targets,
                            exclude=config.exclude or (), layers=config.layers, rslora=config.rslora,
-                           dora=config.method == "dora")
+                           dora=config.method == "dora", init=config.init)
 
 
 def _adapter_config(config) -> peft.BottleneckConfig:
@@ -132,6 +133,19 @@ def load_trainable_state(model, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
+
+
+def copy_initial_factors(source, target) -> None:
+    """PiSSA / OLoRA: give ``target``'s layers the initial (A0, B0) of ``source``'s, which its saved adapter subtracts.
+
+    A copy rebuilt elsewhere (FSDP's final model on rank 0's CPU) redoes the SVD / QR, whose randomized variant or
+    sign choices may differ from the device's: the file must hold B A - B0 A0 of the factors training started from.
+    FSDP shards parameters, not buffers, so ``source`` holds them whole."""
+    theirs = peft.lora_layers(source)
+    for path, layer in peft.lora_layers(target).items():
+        if layer.changes_base and path in theirs:
+            layer.lora_A_initial.copy_(theirs[path].lora_A_initial)
+            layer.lora_B_initial.copy_(theirs[path].lora_B_initial)
 
 
 def report_dict(report: ParameterReport) -> dict:
