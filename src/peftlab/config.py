@@ -261,7 +261,7 @@ class TrainConfig:
         from peftlab.training.methods import check_options
 
         check_options(self)
-        if self.init not in ("kaiming", "gaussian") and (self.method == "qlora" or self.quantize):
+        if self.init not in method_table.LORA_PLAIN_INITS and (self.method == "qlora" or self.quantize):
             raise UserError(f"--init {self.init} starts from the float base weights, not a 4-bit base: use it with "
                             "--method lora without --quantize, or keep --init kaiming for QLoRA")
 
@@ -339,7 +339,7 @@ class MergeConfig:
     overwrite: bool = option(False, "Replace a model already in --out (the old one is kept until the new one is written).")
 
 
-ADAPTER_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")  # peftlab.peft.merge.COMBINATIONS
+ADAPTER_COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")  # peft's combination_type values
 SPARSIFYING_COMBINATIONS = ("ties", "dare_linear", "dare_ties")
 
 

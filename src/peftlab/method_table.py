@@ -60,6 +60,10 @@ METHODS: dict[str, MethodFacts] = {facts.name: facts for facts in TABLE}
 NAMES: tuple[str, ...] = tuple(METHODS)
 
 
+LORA_PLAIN_INITS = ("kaiming", "gaussian")
+"""LoRA inits that leave the base weights alone (B = 0); the others (pissa, olora) start from W and keep the residual."""
+
+
 def get(name: str) -> MethodFacts:
     if name not in METHODS:
         raise UserError(f"unknown method '{name}'; choose one of: {', '.join(NAMES)}")

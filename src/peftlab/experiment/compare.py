@@ -86,21 +86,34 @@ def _variant_options(item: str, text: str) -> dict:
     parts = re.split(r":(?=[A-Za-z_-]+=)", text)
     if not all("=" in part for part in parts):
         raise UserError(f"'{item}': options of a method are written METHOD:KEY=VALUE[:KEY=VALUE], e.g. lora:init=pissa")
-    from peftlab.config import check_keys, coerce
-
     options = {}
     for part in parts:
         key, _, value = part.partition("=")
-        name = key.strip().lstrip("-").replace("-", "_")
-        check_keys(TrainConfig, {name: None}, f"--methods ({item})")
+        name = _train_option(key, f"--methods ({item})")
         if name in _FOOTING:
             raise UserError(f"'{item}': {name} is the same for every variant of a compare (set it with --{name.replace('_', '-')} "
                             "or --train-options); a method's own options are its hyperparameters, e.g. lr, rank, init")
-        try:
-            options[name] = coerce(TrainConfig, name, yaml.safe_load(value))
-        except yaml.YAMLError:
-            raise UserError(f"'{item}': cannot read the value of {name} ({value!r}); write it plainly, e.g. {name}=VALUE") from None
+        options[name] = _train_value(name, value, item)
     return options
+
+
+def _train_option(key: str, where: str) -> str:
+    """``--rank`` / ``rank`` -> the TrainConfig field name, which must exist."""
+    from peftlab.config import check_keys
+
+    name = key.strip().lstrip("-").replace("-", "_")
+    check_keys(TrainConfig, {name: None}, where)
+    return name
+
+
+def _train_value(name: str, text: str, item: str):
+    """A value as written on the command line, read as YAML and coerced to the TrainConfig field's type."""
+    from peftlab.config import coerce
+
+    try:
+        return coerce(TrainConfig, name, yaml.safe_load(text))
+    except yaml.YAMLError:
+        raise UserError(f"'{item}': cannot read the value of {name} ({text!r}); write it plainly, e.g. {name}=VALUE") from None
 
 
 # What every variant of a compare shares (data, budget, seed, where it runs): not a method's option.
@@ -121,15 +134,12 @@ def parse_options(text: str | None) -> dict:
 
 
 def sweep_variants(config: SweepConfig) -> list[Variant]:
-    name, sep, values = config.sweep.partition("=")
-    name = name.strip().lstrip("-").replace("-", "_")
+    key, sep, values = config.sweep.partition("=")
     if not sep or not values:
         raise UserError(f"--sweep '{config.sweep}' must look like OPTION=V1,V2,..., e.g. rank=1,2,4,8")
-    from peftlab.config import check_keys, coerce
-
-    check_keys(TrainConfig, {name: None}, "--sweep")
+    name = _train_option(key, "--sweep")
     written = [v.strip() for v in values.split(",") if v.strip()]
-    parsed = [coerce(TrainConfig, name, yaml.safe_load(v)) for v in written]
+    parsed = [_train_value(name, v, config.sweep) for v in written]
     return [Variant(f"{name}={text}", config.method, {"method": config.method, name: v}) for text, v in zip(written, parsed)]
 
 

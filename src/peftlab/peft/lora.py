@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.errors import UserError
+from peftlab.method_table import LORA_PLAIN_INITS
 from peftlab.peft.core import (
     DTYPES,
     LAYER_PATTERN,
@@ -134,7 +135,7 @@ class LoraConfig:
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
 
-PLAIN_INITS = ("kaiming", "gaussian")  # B = 0: the base weight stays as it is
+PLAIN_INITS = LORA_PLAIN_INITS  # B = 0: the base weight stays as it is
 WEIGHT_INITS = ("pissa", "olora")  # from W, which becomes the residual (also pissa_niter_N)
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 

@@ -55,6 +55,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from peftlab.config import ADAPTER_COMBINATIONS, SPARSIFYING_COMBINATIONS
 from peftlab.errors import UserError
 from peftlab.peft.core import get_module, select_modules
 from peftlab.peft.formats import (
@@ -66,11 +67,11 @@ from peftlab.peft.formats import (
 )
 from peftlab.peft.lora import LoraConfig, changes_base, lora_config_from_json
 
-COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+COMBINATIONS = ADAPTER_COMBINATIONS
+SPARSIFYING = SPARSIFYING_COMBINATIONS
+"""Combinations that use ``density``."""
 SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties")
 """Combinations that add the A_i (and the B_i) entry by entry, so the ranks must be equal."""
-SPARSIFYING = ("ties", "dare_linear", "dare_ties")
-"""Combinations that use ``density``."""
 
 
 @dataclass
