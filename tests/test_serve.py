@@ -154,6 +154,37 @@ def test_mixed_lora_rows_equal_their_own_lora_layer():
     assert torch.equal(got[2], base(x[2]))  # a row without adapter gets exact zeros added
     rows.set_rows([1] * 7, x.device)  # one adapter for all rows: LoRA's own path
     torch.testing.assert_close(mixed(x), layers[1](x), rtol=1e-5, atol=1e-5)
+    lengths = [3, 1, 4]  # the same layer on one packed row: example b's tokens take slots[b]
+    packed = torch.randn(1, sum(lengths), 16)
+    rows.set_rows([2, -1, 0], x.device, lengths)
+    got = mixed(packed)
+    for (a, b), slot in zip(((0, 3), (3, 4), (4, 8)), [2, -1, 0]):
+        want = base(packed[:, a:b]) if slot < 0 else layers[slot](packed[:, a:b])
+        torch.testing.assert_close(got[:, a:b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_prefill_equals_each_prompt_alone(folders):
+    """Prompts of the base, two LoRA adapters and a soft prompt prefilled in one packed row: each one's
+    keys, values and next-token logits equal a forward over that prompt alone."""
+    from peftlab.serve.engine import Request, Sampling
+
+    engine, _ = build(ServeConfig(model=str(folders[0]), adapter=[f"{n}={folders[1][n]}" for n in ADAPTERS],
+                                  device="cpu", port=0))
+    tokenizer = engine.tokenizer
+    names = [None, "summarize", "prompt", "sentiment", "summarize", None]
+    items = []
+    for name, prompt in zip(names, PROMPTS):
+        request = Request(name, tokenizer(prompt)["input_ids"], Sampling(max_tokens=4), on_event=lambda *_: None)
+        items.append((request, None if name is None else engine.adapters.acquire(name)))
+    with torch.no_grad():
+        rows, states, logits = engine._prefill_packed(engine.shared, items)
+        for i, item in enumerate(items):
+            alone_rows, alone_states, alone_logits = engine._prefill_alone(engine.shared, *item)
+            assert rows[i].length == alone_rows[0].length == len(item[0].prompt_ids) + (4 if names[i] == "prompt" else 0)
+            torch.testing.assert_close(logits[i : i + 1], alone_logits, rtol=1e-4, atol=1e-5)
+            for (k, v), (k1, v1) in zip(states[i], alone_states[0]):
+                torch.testing.assert_close(k, k1, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(v, v1, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -134,6 +134,22 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
 
+    @classmethod
+    def holding(cls, key_buffer: torch.Tensor, value_buffer: torch.Tensor, length: int, room: int) -> "RoomyLayer":
+        """A layer whose cache is the first ``length`` positions of these buffers (B, heads, capacity, head dim),
+        taken as they are (no copy); the rest of the capacity is the room for later positions."""
+        layer = cls(room)
+        layer.lazy_initialization(key_buffer, value_buffer)
+        layer._key_buffer, layer._value_buffer, layer._length = key_buffer, value_buffer, length
+        layer.keys, layer.values = key_buffer[:, :, :length], value_buffer[:, :, :length]
+        return layer
+
+    def select(self, index: torch.Tensor, trim: int) -> "RoomyLayer":
+        """The rows ``index`` of this cache without its first ``trim`` positions, room kept: one copy."""
+        keys = self._key_buffer[:, :, trim:].index_select(0, index)  # (len(index), heads, capacity - trim, dim)
+        values = self._value_buffer[:, :, trim:].index_select(0, index)
+        return RoomyLayer.holding(keys, values, self._length - trim, self.room)
+
     def _grow(self, buffer: torch.Tensor | None, states: torch.Tensor, end: int) -> torch.Tensor:
         """A buffer with room for ``end + room`` positions, holding what ``buffer`` held."""
         batch, heads, _, dim = states.shape

@@ -8,9 +8,12 @@ One thread owns the model. Each turn of its loop it drops cancelled rows, admits
 - an adapter that changes the layers themselves (DoRA, (IA)^3, ...) has its own lane and model
   (:mod:`peftlab.serve.adapters`).
 
-A request is prefilled alone (one forward over its prompt, its soft prompt in front when it has one:
-exactly the calls ``peftlab generate`` makes for one prompt) and its KV cache joins the lane's, both
-left-padded to the longer one; a finished or cancelled row is cut out of the cache. Each row keeps its
+Requests admitted together are prefilled together, padding-free: their prompts (each with its soft
+prompt in front when it has one) end to end in one packed row, positions restarting at 0 for each and
+attention confined to each (:mod:`peftlab.training.packing`), so a prompt's keys and values are those
+of a forward over it alone, and every linear layer runs one large matmul instead of one per request.
+(A model that cannot run packed rows prefills each request alone.) The new rows' KV caches join the
+lane's, all left-padded to the longest; a finished or cancelled row is cut out of the cache. Each row keeps its
 own position (its tokens so far, virtual ones included), so padding never shifts positions, as in
 :func:`peftlab.eval.generate.generate`. Decoding is greedy (argmax) at temperature 0, else sampled
 with temperature and nucleus (top-p) filtering from the row's own seeded generator.
@@ -32,12 +35,14 @@ from pathlib import Path
 import torch
 
 from peftlab.errors import UserError
-from peftlab.eval.generate import decoder_cache, stop_ids
+from peftlab.eval.generate import RoomyLayer, decoder_cache, stop_ids
 from peftlab.models import LoadedModel
 from peftlab.serve.adapters import Adapter, AdapterBusy, AdapterSet, lora_rank
 from peftlab.serve.mixed_lora import RowAdapters
+from peftlab.training.packing import packed_attention, supports_packing
 
 BASE = None  # the adapter name of a request for the base model
+PACK_TOKENS = 4096  # at most this many prompt tokens in one packed prefill forward
 
 
 @dataclass
@@ -74,15 +79,25 @@ class _Row:
     length: int  # positions in the cache that are this row's (virtual tokens included)
     next_token: int
     generator: torch.Generator | None
+    done: bool = False  # finished or cancelled; its cache rows wait for the next compaction
 
 
 class _Lane:
-    """Rows that decode together on one model, and their KV cache, left-padded to a common length."""
+    """Rows that decode together on one model, and their KV cache, left-padded to a common length.
+
+    A row that finishes is marked done and stays in the cache (still computed, its tokens unused)
+    until done rows are a quarter of the lane or new rows join: cutting a row out copies the whole
+    cache, which costs more than decoding a few extra rows for some steps.
+    """
 
     def __init__(self, model, shared: bool) -> None:
         self.model, self.shared = model, shared
         self.rows: list[_Row] = []
         self.cache = None
+
+    @property
+    def live(self) -> list[_Row]:
+        return [row for row in self.rows if not row.done]
 
     @property
     def width(self) -> int:
@@ -196,7 +211,7 @@ class Engine:
 
     def _fail_all(self, reason: str) -> None:
         for lane in [self.shared, *self.own.values()]:
-            for row in lane.rows:
+            for row in lane.live:
                 self._finish(row.request, reason)
                 if row.adapter is not None:
                     self.adapters.release(row.adapter)
@@ -207,20 +222,21 @@ class Engine:
             kept = [r for r in self.waiting if not r.cancelled]
             self.waiting = deque(kept)
         for lane in [self.shared, *self.own.values()]:
-            for row in lane.rows:
-                if row.request.cancelled and row.request.finish_reason is None:
+            cancelled = [row for row in lane.live if row.request.cancelled]
+            for row in cancelled:
+                if row.request.finish_reason is None:
                     self._finish(row.request, "cancelled")
-            if any(row.request.cancelled for row in lane.rows):
-                self._keep(lane, [row for row in lane.rows if not row.request.cancelled])
+            if cancelled:
+                self._retire(lane, cancelled)
 
     def _running(self) -> int:
-        return len(self.shared.rows) + sum(len(lane.rows) for lane in self.own.values())
+        return len(self.shared.live) + sum(len(lane.live) for lane in self.own.values())
 
     def _admit(self) -> None:
-        """Prefill waiting requests while there is room (one whose adapter has no free slot waits), then
-        add them to their lanes, one cache rebuild per lane."""
+        """Take waiting requests while there is room (one whose adapter has no free slot waits), prefill
+        them together per lane, then add them to their lanes, one cache rebuild per lane."""
         postponed, joining = [], {}
-        while self._running() + sum(len(rows) for _, rows in joining.values()) < self.max_batch:
+        while self._running() + sum(len(items) for _, items in joining.values()) < self.max_batch:
             with self._wake:
                 if not self.waiting:
                     break
@@ -237,12 +253,13 @@ class Engine:
                 self._finish(request, f"error: {e}")
                 continue
             lane = self._lane(adapter)
-            joining.setdefault(id(lane), (lane, []))[1].append(self._prefill(lane, request, adapter))
+            joining.setdefault(id(lane), (lane, []))[1].append((request, adapter))
         with self._wake:
             self.waiting.extendleft(reversed(postponed))
-        for lane, prefilled in joining.values():
-            self._join(lane, [(row, cache) for row, cache, _ in prefilled])
-            self._advance(lane, [row for row, _, _ in prefilled], torch.cat([logits for _, _, logits in prefilled]))
+        for lane, items in joining.values():
+            rows, states, logits = self._prefill(lane, items)
+            self._join(lane, rows, states)
+            self._advance(lane, rows, logits)
 
     def _lane(self, adapter: Adapter | None) -> _Lane:
         if adapter is None or adapter.kind != "own":
@@ -253,47 +270,94 @@ class Engine:
 
     # -- the model calls ------------------------------------------------------------------------
 
-    def _forward(self, lane: _Lane, slots: list[int], **inputs) -> torch.Tensor:
+    def _forward(self, lane: _Lane, slots: list[int], lengths: list[int] | None = None, **inputs) -> torch.Tensor:
         if lane.shared:
-            self.rows.set_rows(slots, self.device)
-        return lane.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, vocab)
+            self.rows.set_rows(slots, self.device, lengths)
+        return lane.model(**inputs, use_cache=True).logits  # (B, kept positions, vocab)
 
-    def _prefill(self, lane: _Lane, request: Request, adapter: Adapter | None):
-        """One forward over the request's prompt alone: its row, its cache and its next-token logits (1, vocab)."""
-        ids = torch.tensor([request.prompt_ids], device=self.device)  # (1, T)
+    def _prefill(self, lane: _Lane, items: list[tuple[Request, Adapter | None]]):
+        """Forwards over the requests' prompts: their rows, each row's keys and values per layer
+        [(keys, values)] of shape (1, heads, length, dim), and their next-token logits (n, vocab)."""
+        packed = supports_packing(lane.model, False, 0) and all(
+            type(layer) is RoomyLayer for layer in decoder_cache(lane.model, 0).layers)
+        rows, states, logits = [], [], []
+        group: list[tuple[Request, Adapter | None]] = []
+        for i, item in enumerate(items):
+            group.append(item)
+            size = sum(len(request.prompt_ids) for request, _ in group)
+            if not packed or size >= PACK_TOKENS or i == len(items) - 1:
+                got = self._prefill_packed(lane, group) if packed else self._prefill_alone(lane, *item)
+                rows += got[0]
+                states += got[1]
+                logits.append(got[2])
+                group = []
+        return rows, states, torch.cat(logits)
+
+    def _prompt_inputs(self, lane: _Lane, items: list[tuple[Request, Adapter | None]]) -> tuple[dict, list[int]]:
+        """The prompts end to end as one row, (1, T) ids or (1, T, d) embeddings when a soft prompt leads one
+        of them, and each one's length (virtual tokens included)."""
+        ids = torch.tensor([[t for request, _ in items for t in request.prompt_ids]], device=self.device)  # (1, T)
+        lengths = [len(request.prompt_ids) + (adapter.virtual_tokens if adapter else 0) for request, adapter in items]
+        if not any(adapter is not None and adapter.kind == "prompt" for _, adapter in items):
+            return {"input_ids": ids}, lengths
+        embeds = lane.model.get_input_embeddings()(ids)[0]  # (T, d)
+        parts, start = [], 0
+        for request, adapter in items:
+            end = start + len(request.prompt_ids)
+            if adapter is not None and adapter.kind == "prompt":
+                parts.append(adapter.prompt.to(device=embeds.device, dtype=embeds.dtype))  # (N, d)
+            parts.append(embeds[start:end])
+            start = end
+        return {"inputs_embeds": torch.cat(parts)[None]}, lengths  # (1, N + T, d)
+
+    def _prefill_packed(self, lane: _Lane, items: list[tuple[Request, Adapter | None]]):
+        inputs, lengths = self._prompt_inputs(lane, items)
+        bounds = torch.tensor([0, *lengths], device=self.device).cumsum(0).to(torch.int32)  # (n + 1,)
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]  # (1, T)
+        cache = decoder_cache(lane.model, 0)
+        with packed_attention(lane.model):
+            logits = self._forward(lane, [_slot(adapter) for _, adapter in items], lengths if len(items) > 1 else None,
+                                   **inputs, position_ids=positions, cache=cache, cu_seq_lens_q=bounds,
+                                   cu_seq_lens_k=bounds, max_length_q=max(lengths), max_length_k=max(lengths),
+                                   logits_to_keep=bounds[1:].long() - 1)[0]  # (n, vocab): each prompt's last position
+        cuts = bounds.tolist()
+        states = [[(layer.keys[:, :, a:b], layer.values[:, :, a:b]) for layer in cache.layers]
+                  for a, b in zip(cuts[:-1], cuts[1:])]
+        rows = [self._row(request, adapter, n) for (request, adapter), n in zip(items, lengths)]
+        return rows, states, logits
+
+    def _prefill_alone(self, lane: _Lane, request: Request, adapter: Adapter | None):
+        """One forward over one prompt, as ``peftlab generate`` makes it (models that cannot run packed rows)."""
+        inputs, (length,) = self._prompt_inputs(lane, [(request, adapter)])
         cache = decoder_cache(lane.model, request.sampling.max_tokens)
-        if adapter is not None and adapter.kind == "prompt":
-            embeds = lane.model.get_input_embeddings()(ids)  # (1, T, d)
-            prompt = adapter.prompt.to(device=embeds.device, dtype=embeds.dtype)[None]  # (1, N, d)
-            inputs = {"inputs_embeds": torch.cat([prompt, embeds], dim=1)}  # (1, N + T, d)
-        else:
-            inputs = {"input_ids": ids}
-        length = len(request.prompt_ids) + (adapter.virtual_tokens if adapter else 0)
         positions = torch.arange(length, device=self.device)[None]  # (1, N + T)
-        slot = adapter.slot if adapter is not None and adapter.kind == "lora" else -1
-        logits = self._forward(lane, [slot], **inputs, position_ids=positions, cache=cache)  # (1, vocab)
+        logits = self._forward(lane, [_slot(adapter)], **inputs, position_ids=positions, cache=cache,
+                               logits_to_keep=1)[:, -1]  # (1, vocab)
+        states = [(layer.keys, layer.values) for layer in cache.layers]
+        return [self._row(request, adapter, length)], [states], logits
+
+    def _row(self, request: Request, adapter: Adapter | None, length: int) -> _Row:
         generator = None
         if request.sampling.temperature > 0:
             seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        return _Row(request, adapter, length, -1, generator), cache, logits
+        return _Row(request, adapter, length, -1, generator)
 
     def _step(self, lane: _Lane) -> None:
-        """One token for every row of ``lane``."""
+        """One token for every row of ``lane`` (a done row's is computed and dropped)."""
         rows, width = lane.rows, lane.width
+        live = [b for b, row in enumerate(rows) if not row.done]
+        filler = _slot(rows[live[0]].adapter)  # a done row's adapter may be gone: it takes a live row's slot
         ids = torch.tensor([[row.next_token] for row in rows], device=self.device)  # (B, 1)
-        positions = torch.tensor([[row.length] for row in rows], device=self.device)  # (B, 1)
+        lengths = torch.tensor([row.length for row in rows], device=self.device)  # (B,)
         mask = None  # no padding: no mask, as peftlab generate (attention takes its causal path)
-        if any(row.length != width for row in rows):
-            mask = torch.ones(len(rows), width + 1, dtype=torch.long, device=self.device)  # (B, T + 1)
-            for b, row in enumerate(rows):
-                mask[b, : width - row.length] = 0  # the row's left padding
-        slots = [row.adapter.slot if row.adapter is not None and row.adapter.kind == "lora" else -1 for row in rows]
-        logits = self._forward(lane, slots, input_ids=ids, attention_mask=mask, position_ids=positions,
-                               cache=lane.cache)  # (B, vocab)
+        if bool((lengths != width).any()):  # each row's left padding masked
+            mask = (torch.arange(width + 1, device=self.device)[None] >= (width - lengths)[:, None]).long()  # (B, T + 1)
+        logits = self._forward(lane, [filler if row.done else _slot(row.adapter) for row in rows], input_ids=ids, attention_mask=mask,
+                               position_ids=lengths[:, None], cache=lane.cache, logits_to_keep=1)[:, -1]  # (B, vocab)
         for row in rows:
             row.length += 1
-        self._advance(lane, list(rows), logits)
+        self._advance(lane, [rows[b] for b in live], logits[live])
 
     def _advance(self, lane: _Lane, rows: list[_Row], logits: torch.Tensor) -> None:
         """Pick each row's next token from its logits (B, vocab); finished rows leave the lane."""
@@ -310,7 +374,7 @@ class Engine:
             if reason is not None:
                 finished.append(row)
         if finished:
-            self._keep(lane, [row for row in lane.rows if row not in finished])
+            self._retire(lane, finished)
 
     def _choose(self, logits: torch.Tensor, row: _Row) -> int:
         """argmax at temperature 0; else a draw from the temperature-scaled, top-p-filtered distribution."""
@@ -360,41 +424,71 @@ class Engine:
 
     # -- the cache ------------------------------------------------------------------------------
 
-    def _join(self, lane: _Lane, joining: list[tuple[_Row, object]]) -> None:
-        """Add prefilled rows: every cache left-padded to the longest, then stacked on the batch axis."""
-        caches = ([lane.cache] if lane.rows else []) + [cache for _, cache in joining]
-        width = max(cache.get_seq_length() for cache in caches)
-        layers = []
-        for parts in zip(*(cache.layers for cache in caches)):
-            keys = torch.cat([_pad_left(part.keys, width) for part in parts])  # (B, heads, width, dim)
-            values = torch.cat([_pad_left(part.values, width) for part in parts])
-            layers.append((keys, values))
-        lane.rows = [*lane.rows, *(row for row, _ in joining)]
-        lane.cache = self._rebuilt(lane, layers)
+    def _join(self, lane: _Lane, rows: list[_Row], states: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """Add prefilled rows (``states``: per row, (keys, values) per layer): every row left-padded to the
+        longest, stacked on the batch axis, written once into the new cache's buffers."""
+        if any(row.done for row in lane.rows):
+            self._compact(lane)
+        if lane.rows:
+            states = [[(layer.keys, layer.values) for layer in lane.cache.layers], *states]
+        width = max(layers[0][0].shape[2] for layers in states)
+        lane.rows = [*lane.rows, *rows]
+        room = self._room(lane)
+        cache = decoder_cache(lane.model, room)
+        for i, layer in enumerate(cache.layers):
+            parts = [layers[i] for layers in states]
+            if type(layer) is not RoomyLayer:  # a cache of another kind: its own update
+                layer.update(torch.cat([_pad_left(k, width) for k, _ in parts]), torch.cat([_pad_left(v, width) for _, v in parts]))
+                continue
+            keys, values = parts[0]
+            shape = (sum(k.shape[0] for k, _ in parts), keys.shape[1], width + room, keys.shape[3])
+            key_buffer, value_buffer = keys.new_zeros(shape), values.new_zeros(shape)  # (B, heads, width + room, dim)
+            b = 0
+            for k, v in parts:
+                key_buffer[b : b + k.shape[0], :, width - k.shape[2] : width] = k  # left-padded with zeros
+                value_buffer[b : b + k.shape[0], :, width - v.shape[2] : width] = v
+                b += k.shape[0]
+            cache.layers[i] = RoomyLayer.holding(key_buffer, value_buffer, width, room)
+        lane.cache = cache
 
-    def _keep(self, lane: _Lane, rows: list[_Row]) -> None:
-        """Cut every row not in ``rows`` out of the lane, and the padding no remaining row needs."""
-        for row in lane.rows:
-            if row not in rows and row.adapter is not None:
+    def _retire(self, lane: _Lane, rows: list[_Row]) -> None:
+        """Mark finished or cancelled rows done and free their adapters; compact the lane when done rows
+        are a quarter of it (an empty lane is dropped)."""
+        for row in rows:
+            row.done = True
+            if row.adapter is not None:
                 self.adapters.release(row.adapter)
-        if not rows:
+        done = sum(row.done for row in lane.rows)
+        if done == len(lane.rows):
             lane.rows, lane.cache = [], None
             if not lane.shared:
                 self.own = {name: other for name, other in self.own.items() if other is not lane}
+        elif 4 * done >= len(lane.rows):
+            self._compact(lane)
+
+    def _compact(self, lane: _Lane) -> None:
+        """Cut the done rows out of the lane's cache, and the padding no remaining row needs."""
+        live = lane.live
+        index = torch.tensor([lane.rows.index(row) for row in live], device=self.device)
+        trim = lane.width - max(row.length for row in live)  # columns of padding in every kept row
+        lane.rows = live
+        if all(type(layer) is RoomyLayer for layer in lane.cache.layers):
+            lane.cache.layers = [layer.select(index, trim) for layer in lane.cache.layers]
             return
-        index = torch.tensor([lane.rows.index(row) for row in rows], device=self.device)
-        trim = lane.width - max(row.length for row in rows)  # columns of padding in every kept row
         layers = [(layer.keys.index_select(0, index)[:, :, trim:], layer.values.index_select(0, index)[:, :, trim:])
                   for layer in lane.cache.layers]
-        lane.rows = rows
-        lane.cache = self._rebuilt(lane, layers)
-
-    def _rebuilt(self, lane: _Lane, layers: list[tuple[torch.Tensor, torch.Tensor]]):
-        room = max(row.request.sampling.max_tokens - len(row.request.tokens) for row in lane.rows) + 1
-        cache = decoder_cache(lane.model, room)
-        for layer, (keys, values) in zip(cache.layers, layers):
+        lane.cache = decoder_cache(lane.model, self._room(lane))
+        for layer, (keys, values) in zip(lane.cache.layers, layers):
             layer.update(keys, values)
-        return cache
+
+    def _room(self, lane: _Lane) -> int:
+        """Positions the lane's cache may still need: the most tokens a row has left to generate."""
+        return max(row.request.sampling.max_tokens - len(row.request.tokens) for row in lane.live) + 1
+
+
+def _slot(adapter: Adapter | None) -> int:
+    """The mixed-LoRA slot of a row (-1: the base, or an adapter that is not served through the slots)."""
+    return adapter.slot if adapter is not None and adapter.kind == "lora" else -1
 
 
 def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:

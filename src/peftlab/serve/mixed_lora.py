@@ -10,6 +10,7 @@ stacked once (S-LoRA / Punica's grouping, in its dense form), and every row goes
 
     down = x  @ [A_1; ...; A_k]^T          (B, T, k r)   every row against every present A
     down = down * M                        M (B, 1, k r): s_k(b) on row b's own block, 0 elsewhere
+                                           (a packed row of several examples: M (1, T, k r), per token)
     h    = W x + down @ [B_1 ... B_k]^T    (B, T, out)
 
 The masked blocks contribute exact zeros, so a row only sees its own adapter. The op count is fixed;
@@ -40,11 +41,12 @@ class RowAdapters:
         self.scaling = [0.0] * capacity  # s = alpha / r (or alpha / sqrt(r)) of the adapter in each slot
         self.uniform: int | None = -1  # the one slot every row uses (-1: no adapter at all), None: mixed
         self.present: tuple[int, ...] = ()  # slots used by some row, in slot order
-        self.mask: torch.Tensor | None = None  # (B, 1, k r_max): row b's scaling on its own slot's block
+        self.mask: torch.Tensor | None = None  # (B, 1, k r_max): row b's scaling on its own slot's block (packed: (1, T, k r_max))
         self.version = 0  # changes when the slots' contents or ``present`` change: layers rebuild their stacks
 
-    def set_rows(self, slots: list[int], device: torch.device) -> None:
-        """Use ``slots[b]`` for row b in the forwards to come."""
+    def set_rows(self, slots: list[int], device: torch.device, lengths: list[int] | None = None) -> None:
+        """Use ``slots[b]`` for row b in the forwards to come; with ``lengths``, the forward is one packed
+        row holding example b's ``lengths[b]`` tokens end to end, and ``slots[b]`` applies to those tokens."""
         distinct = set(slots)
         if len(distinct) == 1:
             self.uniform, self.mask = slots[0], None
@@ -60,6 +62,8 @@ class RowAdapters:
             if slot >= 0:
                 block = present.index(slot)
                 mask[row, 0, block * r : (block + 1) * r] = self.scaling[slot]
+        if lengths is not None:  # one packed row: each example's scaling on each of its tokens, (1, T, k r)
+            mask = mask.repeat_interleave(torch.tensor(lengths, device=device), dim=0).transpose(0, 1)
         self.mask = mask
 
     def changed(self) -> None:
