@@ -190,22 +190,41 @@ def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int
             inputs["position_ids"] = positions
         step_key = "input_ids"
     stop_tensor = torch.tensor(stop, device=ids.device)
+    # A decoder-only model with a RoomyLayer cache drops a row from the batch once it stops (its cache
+    # rows cut out, and the left padding no remaining row needs); otherwise a stopped row keeps decoding
+    # padding until every row stopped, as transformers' generate does.
+    shrink = step_key == "input_ids" and all(type(layer) is RoomyLayer for layer in cache.layers)
+    out = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=ids.device)  # (B, max_new_tokens)
+    active = torch.arange(rows, device=ids.device)  # the batch rows still decoding, as rows of ``out``
     stopped = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-    tokens = []
-    for _ in range(max_new_tokens):
-        logits = model(**inputs, cache=cache, use_cache=True, **head).logits[:, -1]  # (B, vocab)
-        token = logits.argmax(-1).masked_fill(stopped, pad)  # (B,); a stopped row gets padding, as in generate
-        tokens.append(token)
+    steps = 0
+    for step in range(max_new_tokens):
+        logits = model(**inputs, cache=cache, use_cache=True, **head).logits[:, -1]  # (b, vocab)
+        token = logits.argmax(-1).masked_fill(stopped, pad)  # (b,); a stopped row gets padding, as in generate
+        out[active, step] = token
+        steps = step + 1
         stopped |= torch.isin(token, stop_tensor)
         if bool(stopped.all()):
             break
-        inputs[step_key] = token[:, None]  # (B, 1)
+        inputs[step_key] = token[:, None]  # (b, 1)
+        if shrink and bool(stopped.any()):
+            keep = (~stopped).nonzero().squeeze(1)  # (b',)
+            active, stopped, token = active[keep], stopped[keep], token[keep]
+            inputs["input_ids"] = token[:, None]
+            trim = 0
+            if inputs["attention_mask"] is not None:
+                mask = inputs["attention_mask"].index_select(0, keep)  # (b', T)
+                trim = int(mask.any(0).long().argmax())  # leading columns that are padding in every kept row
+                inputs["attention_mask"] = None if bool(mask[:, trim:].all()) else mask[:, trim:]
+            cache.layers = [layer.select(keep, trim) for layer in cache.layers]
+            if "position_ids" in inputs:
+                inputs["position_ids"] = inputs["position_ids"].index_select(0, keep)
         if not model.config.is_encoder_decoder:
             if inputs["attention_mask"] is not None:
-                inputs["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(rows, 1)], dim=1)
+                inputs["attention_mask"] = torch.cat([inputs["attention_mask"], inputs["attention_mask"].new_ones(len(active), 1)], dim=1)
             if "position_ids" in inputs:
                 inputs["position_ids"] = inputs["position_ids"][:, -1:] + 1
-    return torch.stack(tokens, dim=1)
+    return out[:, :steps]
 
 
 def _reference_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, stop: list[int], pad: int) -> torch.Tensor:
