@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,8 +168,14 @@ def decoder_cache(model, room: int) -> DynamicCache:
     return cache
 
 
-def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, stop: list[int], pad: int) -> torch.Tensor:
-    """Greedy new tokens for a batch, (B, t) with t <= max_new_tokens; rows that stopped are padded."""
+def greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int, stop: list[int], pad: int,
+                  until: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Greedy new tokens for a batch, (B, t) with t <= max_new_tokens; rows that stopped are padded.
+
+    A row stops at a ``stop`` token, or when ``until(generated, rows)`` says so: called after each step
+    with the tokens so far of the rows still decoding, (b, t), and their indices in the batch (b,),
+    it returns which of them are done (b,) (e.g. a stop string appeared in the decoded text).
+    """
     ids, mask = batch["input_ids"], batch["attention_mask"]  # (B, T)
     rows = ids.shape[0]
     parameters = _forward_parameters(model)
@@ -204,6 +211,8 @@ def _greedy_tokens(model, batch: dict[str, torch.Tensor], *, max_new_tokens: int
         out[active, step] = token
         steps = step + 1
         stopped |= torch.isin(token, stop_tensor)
+        if until is not None:
+            stopped |= until(out[active, :steps], active)
         if bool(stopped.all()):
             break
         inputs[step_key] = token[:, None]  # (b, 1)
@@ -256,7 +265,7 @@ def generate(
     device = next(model.parameters()).device
     stop = stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    decode = _greedy_tokens if plain_greedy(model) else _reference_tokens
+    decode = greedy_tokens if plain_greedy(model) else _reference_tokens
     rows = [prompt_ids(tokenizer, p, is_seq2seq=is_seq2seq, chat=chat, max_length=max_length) for p in prompts]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # stable: equal lengths keep their order
     texts: list[str] = [""] * len(prompts)

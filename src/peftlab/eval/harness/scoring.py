@@ -15,7 +15,9 @@ with the prefix token is encoded without them. An empty context is replaced by t
 
 Generation is greedy until any stop string appears in the decoded continuation (or EOS, or
 ``max_gen_toks``); the text is cut before the first stop string, stop strings taken in order
-(HFLM's ``postprocess_generated_text``), with the EOS text added to them.
+(HFLM's ``postprocess_generated_text``), with the EOS text added to them. A decoder-only model
+decodes in peftlab's greedy loop (:func:`peftlab.eval.generate.greedy_tokens`: the tokens of
+transformers' ``generate``, and a row that is done leaves the batch); others call ``generate``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from peftlab.errors import UserError
+from peftlab.eval.generate import greedy_tokens, plain_greedy, stop_ids
 from peftlab.eval.loglikelihood import Loglikelihood, continuation_loglikelihoods
 from peftlab.progress import ProgressFactory, silent
 
@@ -132,13 +135,18 @@ class _StopStrings(StoppingCriteria):
         self.stopped_at: list[int | None] = [None] * batch
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        generated = input_ids[:, self.start :]  # (B, t)
+        """transformers' ``generate``: the whole batch, prompts included, (B, T + t)."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return self.mark(input_ids[:, self.start :], rows)
+
+    def mark(self, generated: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (b,) of the batch have generated ``generated`` (b, t): which of them are done (b,)."""
         done = []
-        for i, text in enumerate(self.tokenizer.batch_decode(generated)):
+        for i, text in zip(rows.tolist(), self.tokenizer.batch_decode(generated)):
             if self.stopped_at[i] is None and any(s in text for s in self.stops):
                 self.stopped_at[i] = generated.shape[1]
             done.append(self.stopped_at[i] is not None)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        return torch.tensor(done, dtype=torch.bool, device=generated.device)
 
 
 def stop_sequences(tokenizer, until: Sequence[str]) -> list[str]:
@@ -184,6 +192,8 @@ def generate_until(
         raise UserError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in the model's {limit} positions")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    ours = not is_seq2seq and plain_greedy(model)  # else transformers' generate
+    stop = stop_ids(model, tokenizer)
 
     # Longest prompt first (HFLM's order), so a batch holds prompts of similar length.
     order = sorted(range(len(contexts)), key=lambda i: (-len(encode(tokenizer, contexts[i])), contexts[i]))
@@ -204,17 +214,21 @@ def generate_until(
             ids, mask = enc["input_ids"][:, -max_ctx:], enc["attention_mask"][:, -max_ctx:]  # (B, T), left-truncated
             start_len = 1 if is_seq2seq else ids.shape[1]  # generated tokens begin after this many
             criteria = _StopStrings(tokenizer, stops, start_len, len(batch))
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=max_gen_toks,
-                do_sample=False,
-                num_beams=1,
-                stopping_criteria=StoppingCriteriaList([criteria]),
-                pad_token_id=pad,
-                use_cache=True,
-            )
-            generated = out[:, start_len:] if not is_seq2seq else out  # (B, t); seq2seq keeps its start token
+            if ours:  # the same greedy tokens; a row leaves the batch as soon as it is done
+                generated = greedy_tokens(model, {"input_ids": ids.to(device), "attention_mask": mask.to(device)},
+                                          max_new_tokens=max_gen_toks, stop=stop, pad=pad, until=criteria.mark)  # (B, t)
+            else:
+                out = model.generate(
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_gen_toks,
+                    do_sample=False,
+                    num_beams=1,
+                    stopping_criteria=StoppingCriteriaList([criteria]),
+                    pad_token_id=pad,
+                    use_cache=True,
+                )
+                generated = out[:, start_len:] if not is_seq2seq else out  # (B, t); seq2seq keeps its start token
             for row, (i, tokens) in enumerate(zip(batch, generated.tolist())):
                 texts[i] = cut_at_stops(tokenizer.decode(tokens, skip_special_tokens=True), stops)
                 body = tokens[1:] if is_seq2seq else tokens
