@@ -10,7 +10,8 @@ Sides, each with its own copy of the model, the same batches and AdamW (lr 0, so
 the starting weights and their losses must agree), gradient norm clipped at 1:
 
 - peftlab LoRA / full: ``peftlab.training.loop.train_step`` on packed rows (``--batching packed``, the
-  default), completion-only chunked cross-entropy; LoRA r=16, alpha 32, no dropout on q, k, v, o.
+  default), completion-only chunked cross-entropy, the lean SwiGLU product (``training.lean_mlp``);
+  LoRA r=16, alpha 32, no dropout on q, k, v, o.
 - peft LoRA: ``get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=[q, k, v, o]))``;
   transformers full: the bare model. Both get ``DataCollatorForSeq2Seq`` batches (dynamic padding,
   labels -100 on the prompt) and ``model(**batch).loss``.
@@ -40,6 +41,7 @@ import torch
 
 from peftlab.data.encode import collate, encode_example, pack, real_tokens
 from peftlab.models import load_model
+from peftlab.training.lean_mlp import lean_gated_mlps
 from peftlab.training.loop import Optimization, micro_batches, train_step
 from peftlab.training.loss import CompletionLoss
 from peftlab.training.packing import packed_attention
@@ -96,6 +98,8 @@ class Side:
             model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
         else:
             model.requires_grad_(True)
+        if name.startswith("peftlab"):  # as the loop prepares every model it trains
+            lean_gated_mlps(model)
         self.model = model.train()
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=0.0)

@@ -201,3 +201,70 @@ def test_autocast_bf16_is_refused_without_bf16_hardware(monkeypatch):
         loop.check_bf16(torch.device("cpu"))
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     loop.check_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_lean_gated_mlp_same_gradients_fewer_saved_activations(tiny_llama_dir, lora):
+    """The SwiGLU product that recomputes silu(gate) in backward: bit-identical loss and gradients, and
+    exactly one (tokens, intermediate) activation per layer fewer kept for the backward pass."""
+    from peftlab.training.lean_mlp import lean_gated_mlps
+
+    model, _, examples = _model_and_examples(tiny_llama_dir, lora)
+    batch = pack(examples)
+
+    def run():
+        saved = {}
+
+        def keep(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, count, grads = _loss_and_grads(model, batch, packed=True)
+        return loss, grads, sum(saved.values())
+
+    loss, grads, plain_bytes = run()
+    layers = model.config.num_hidden_layers
+    assert lean_gated_mlps(model) == layers
+    lean_loss, lean_grads, lean_bytes = run()
+    assert lean_loss == loss
+    assert lean_grads.keys() == grads.keys() and all(torch.equal(lean_grads[k], grads[k]) for k in grads)
+    tokens = batch["input_ids"].shape[1]
+    assert plain_bytes - lean_bytes == layers * tokens * model.config.intermediate_size * 4  # float32
+
+
+def test_lora_dropout_keeps_masks_not_dropped_inputs(tiny_llama_dir, monkeypatch):
+    """LoRA with dropout on every linear layer: the lean dropout path gives autograd's own loss and
+    gradients for the same seed (the same masks), and keeps fewer bytes for the backward pass."""
+    from peftlab.peft import lora as lora_module
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    examples = [encode_example(tok, p, c, is_seq2seq=False, chat=False, max_length=64, max_target_length=16) for p, c in PAIRS]
+    batch = pack(examples)
+    model = peft.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                            peft.LoraConfig(rank=4, alpha=8, dropout=0.1, targets="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(1))
+    model.train()
+
+    def run():
+        saved = {}
+
+        def keep(t):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(3)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss, _, grads = _loss_and_grads(model, batch, packed=True)
+        return loss, grads, sum(saved.values())
+
+    lean_loss, lean_grads, lean_bytes = run()
+    monkeypatch.setattr(lora_module._DroppedDown, "apply", lambda x, w, p: F.linear(F.dropout(x, p, True), w))
+    loss, grads, plain_bytes = run()
+    assert lean_loss == loss
+    assert lean_grads.keys() == grads.keys() and len(grads) == 2 * 7 * model.config.num_hidden_layers
+    for k in grads:
+        torch.testing.assert_close(lean_grads[k], grads[k], rtol=1e-6, atol=1e-7)
+    assert lean_bytes < 0.8 * plain_bytes

@@ -46,6 +46,10 @@ computed from the base layer's result instead of materialising W'::
 
 where x' = dropout(x); without dropout (or in eval mode) x' = x and W x is reused from the base call.
 
+Training with dropout keeps, per LoRA layer, the dropout's mask as bytes (not the dropped-out input
+x' and the float noise that autograd would keep: 8 bytes per input element and layer), and x' is
+recomputed in the backward pass from x, which sibling layers (q, k, v read the same x) share.
+
 Adapter weights live in ``adapter_dtype`` (float32 by default, even on a bfloat16 base): the input
 is cast to it and the sum is cast back to the base layer's output dtype.
 
@@ -192,9 +196,12 @@ class LoraVariant:
         temporaries); in decoding, where each op works on a handful of rows, the ops are the cost.
         The sum is the same up to one rounding (addmm may fuse the scaling and the addition).
         """
-        if layer.training and layer.has_dropout:  # in eval mode dropout is the identity and draws no random numbers
-            x = layer.dropout(x)
-        down = F.linear(x, layer.lora_A.weight)  # (..., r) = A x'
+        if layer.training and layer.has_dropout and torch.is_grad_enabled():
+            down = _DroppedDown.apply(x, layer.lora_A.weight, layer.dropout.p)  # (..., r) = A x'
+        else:
+            if layer.training and layer.has_dropout:  # in eval mode dropout is the identity and draws no random numbers
+                x = layer.dropout(x)
+            down = F.linear(x, layer.lora_A.weight)  # (..., r) = A x'
         if result.dtype != down.dtype:  # e.g. a bfloat16 base with float32 adapters: the sum in float32
             return result + F.linear(down, layer.lora_B.weight) * layer.scaling
         out = result.shape[-1]
@@ -208,6 +215,33 @@ class LoraVariant:
     def unmerge(self, layer: LoraLinear, weight: nn.Parameter) -> None:
         """W <- W - s B A."""
         weight.data -= layer.delta_weight().to(weight.dtype)
+
+
+class _DroppedDown(torch.autograd.Function):
+    """A dropout(x) (..., r), keeping x and the dropout mask (bytes) for the backward pass.
+
+    The mask is drawn exactly as ``F.dropout`` draws it on CPU (a float tensor filled by
+    ``bernoulli_(1 - p)``), so the same seed gives the same mask; x' = x * mask / (1 - p) is formed again in
+    backward: dL/dA = g^T x', dL/dx = (g A) * mask / (1 - p).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+        noise = torch.empty_like(x).bernoulli_(1 - p)  # (..., in) of 0 / 1
+        ctx.p = p
+        ctx.save_for_backward(x, weight, noise.bool())
+        return F.linear(x * noise.div_(1 - p), weight)  # (..., r)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, mask = ctx.saved_tensors
+        scale = mask.to(x.dtype).div_(1 - ctx.p)  # (..., in): 0 or 1 / (1 - p)
+        grad_x = (grad @ weight) * scale if ctx.needs_input_grad[0] else None  # (..., in)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            dropped = (x * scale).reshape(-1, x.shape[-1])  # (N, in) = x'
+            grad_weight = grad.reshape(-1, grad.shape[-1]).t().mm(dropped)  # (r, in)
+        return grad_x, grad_weight, None
 
 
 class DoraVariant(LoraVariant):

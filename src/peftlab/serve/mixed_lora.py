@@ -118,7 +118,9 @@ class MixedLoraLinear(WrappedLinear):
             return flat.view(result.shape).to(result.dtype)
         a, b = self._stacked()
         down = F.linear(xf, a) * self.rows.mask  # (B, T, k r): each row keeps its own block, scaled
-        return torch.baddbmm(base, down, b.expand(down.shape[0], -1, -1)).to(result.dtype)  # (B, T, out)
+        out = base.shape[-1]
+        flat = torch.addmm(base.reshape(-1, out), down.reshape(-1, down.shape[-1]), b)  # one GEMM for all rows
+        return flat.view(result.shape).to(result.dtype)  # (B, T, out)
 
     def extra_repr(self) -> str:
         return f"slots={self.rows.capacity}, max_rank={self.rows.max_rank}"

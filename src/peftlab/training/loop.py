@@ -82,6 +82,7 @@ from peftlab.training import checkpoint as ckpt
 from peftlab.training import methods
 from peftlab.training.distributed import Distributed, OtherRankFailed, to_float
 from peftlab.training.loss import CompletionLoss, plain_linear_head, target_count
+from peftlab.training.lean_mlp import lean_gated_mlps
 from peftlab.training.packing import packed_attention, supports_packing
 from peftlab.training.regularize import Regularizer, make_regularizer
 
@@ -423,7 +424,9 @@ def prepare_model(config: TrainConfig, progress: ProgressFactory, log: Callable[
 def speed_options(config: TrainConfig, setup: ModelSetup) -> None:
     """``--gradient-checkpointing`` (transformers' own, non-reentrant: RNG states are replayed, so dropout
     masks and results are the same), ``--compile`` (the module compiled in place: parameter names and
-    checkpoints unchanged), and the check that ``--autocast bfloat16`` has hardware to run on."""
+    checkpoints unchanged), and the check that ``--autocast bfloat16`` has hardware to run on. SwiGLU MLPs
+    always keep two activations instead of three for the backward pass (``training.lean_mlp``: same gradients)."""
+    lean_gated_mlps(setup.loaded.model)
     if config.autocast:
         check_bf16(setup.device)
     if config.gradient_checkpointing:
