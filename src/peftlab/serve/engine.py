@@ -39,6 +39,7 @@ from peftlab.eval.generate import RoomyLayer, decoder_cache, stop_ids
 from peftlab.models import LoadedModel
 from peftlab.serve.adapters import Adapter, AdapterBusy, AdapterSet, lora_rank
 from peftlab.serve.mixed_lora import RowAdapters
+from peftlab.serve.row_attention import row_attention, row_groups
 from peftlab.training.packing import packed_attention, supports_packing
 
 BASE = None  # the adapter name of a request for the base model
@@ -92,8 +93,11 @@ class _Lane:
 
     def __init__(self, model, shared: bool) -> None:
         self.model, self.shared = model, shared
-        self.rows: list[_Row] = []
+        self.rows: list[_Row] = []  # longest first (join sorts them; every row then grows by one a step)
         self.cache = None
+        # packed prefill and grouped decoding attention: models with transformers' attention interface
+        # and a cache of full-attention layers
+        self.ragged = supports_packing(model, False, 0) and all(type(layer) is RoomyLayer for layer in decoder_cache(model, 0).layers)
 
     @property
     def live(self) -> list[_Row]:
@@ -278,8 +282,7 @@ class Engine:
     def _prefill(self, lane: _Lane, items: list[tuple[Request, Adapter | None]]):
         """Forwards over the requests' prompts: their rows, each row's keys and values per layer
         [(keys, values)] of shape (1, heads, length, dim), and their next-token logits (n, vocab)."""
-        packed = supports_packing(lane.model, False, 0) and all(
-            type(layer) is RoomyLayer for layer in decoder_cache(lane.model, 0).layers)
+        packed = lane.ragged
         rows, states, logits = [], [], []
         group: list[tuple[Request, Adapter | None]] = []
         for i, item in enumerate(items):
@@ -350,11 +353,17 @@ class Engine:
         filler = _slot(rows[live[0]].adapter)  # a done row's adapter may be gone: it takes a live row's slot
         ids = torch.tensor([[row.next_token] for row in rows], device=self.device)  # (B, 1)
         lengths = torch.tensor([row.length for row in rows], device=self.device)  # (B,)
-        mask = None  # no padding: no mask, as peftlab generate (attention takes its causal path)
-        if bool((lengths != width).any()):  # each row's left padding masked
-            mask = (torch.arange(width + 1, device=self.device)[None] >= (width - lengths)[:, None]).long()  # (B, T + 1)
-        logits = self._forward(lane, [filler if row.done else _slot(row.adapter) for row in rows], input_ids=ids, attention_mask=mask,
-                               position_ids=lengths[:, None], cache=lane.cache, logits_to_keep=1)[:, -1]  # (B, vocab)
+        slots = [filler if row.done else _slot(row.adapter) for row in rows]
+        step = {"input_ids": ids, "position_ids": lengths[:, None], "cache": lane.cache, "logits_to_keep": 1}
+        if lane.ragged:  # attention per group of rows of similar length, over their own width
+            with row_attention(lane.model):
+                logits = self._forward(lane, slots, **step, row_groups=row_groups([row.length + 1 for row in rows]),
+                                       row_lengths=lengths + 1)[:, -1]  # (B, vocab)
+        else:
+            mask = None  # no padding: no mask, as peftlab generate (attention takes its causal path)
+            if bool((lengths != width).any()):  # each row's left padding masked
+                mask = (torch.arange(width + 1, device=self.device)[None] >= (width - lengths)[:, None]).long()  # (B, T + 1)
+            logits = self._forward(lane, slots, **step, attention_mask=mask)[:, -1]  # (B, vocab)
         for row in rows:
             row.length += 1
         self._advance(lane, [rows[b] for b in live], logits[live])
@@ -426,13 +435,18 @@ class Engine:
 
     def _join(self, lane: _Lane, rows: list[_Row], states: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
         """Add prefilled rows (``states``: per row, (keys, values) per layer): every row left-padded to the
-        longest, stacked on the batch axis, written once into the new cache's buffers."""
+        longest, stacked on the batch axis longest first, written once into the new cache's buffers."""
         if any(row.done for row in lane.rows):
             self._compact(lane)
-        if lane.rows:
-            states = [[(layer.keys, layer.values) for layer in lane.cache.layers], *states]
-        width = max(layers[0][0].shape[2] for layers in states)
-        lane.rows = [*lane.rows, *rows]
+        if lane.rows:  # each running row's own positions (its padding left out)
+            width = lane.width
+            running = [[(layer.keys[b : b + 1, :, width - row.length :], layer.values[b : b + 1, :, width - row.length :])
+                        for layer in lane.cache.layers] for b, row in enumerate(lane.rows)]
+            rows, states = [*lane.rows, *rows], [*running, *states]
+        order = sorted(range(len(rows)), key=lambda i: -rows[i].length)  # stable
+        rows, states = [rows[i] for i in order], [states[i] for i in order]
+        width = rows[0].length
+        lane.rows = rows
         room = self._room(lane)
         cache = decoder_cache(lane.model, room)
         for i, layer in enumerate(cache.layers):
@@ -441,13 +455,11 @@ class Engine:
                 layer.update(torch.cat([_pad_left(k, width) for k, _ in parts]), torch.cat([_pad_left(v, width) for _, v in parts]))
                 continue
             keys, values = parts[0]
-            shape = (sum(k.shape[0] for k, _ in parts), keys.shape[1], width + room, keys.shape[3])
+            shape = (len(parts), keys.shape[1], width + room, keys.shape[3])
             key_buffer, value_buffer = keys.new_zeros(shape), values.new_zeros(shape)  # (B, heads, width + room, dim)
-            b = 0
-            for k, v in parts:
-                key_buffer[b : b + k.shape[0], :, width - k.shape[2] : width] = k  # left-padded with zeros
-                value_buffer[b : b + k.shape[0], :, width - v.shape[2] : width] = v
-                b += k.shape[0]
+            for b, (k, v) in enumerate(parts):
+                key_buffer[b, :, width - k.shape[2] : width] = k[0]  # left-padded with zeros
+                value_buffer[b, :, width - v.shape[2] : width] = v[0]
             cache.layers[i] = RoomyLayer.holding(key_buffer, value_buffer, width, room)
         lane.cache = cache
 
